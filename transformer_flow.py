@@ -1,0 +1,667 @@
+"""STARFlow and STARFlow-V: the deep-shallow Transformer Autoregressive Flow (arXiv 2506.06276, 2511.20462).
+
+The model maps latents x (B, C, H, W) or videos (B, T, C, H, W) to Gaussian noise z through a stack of
+autoregressive affine blocks.  Each block flattens its input into a sequence of patches (flipped on every other
+block), and maps token j to z_j = (x_j - mu_j) / sigma_j, with (mu_j, sigma_j) predicted by a causal transformer
+from the text prefix and x_<j.  The shallow blocks are small and unconditional (`cond_top_only`); the last, deep
+block carries the text and most of the weights.  Sampling inverts the blocks in reverse order, token by token or by
+block-wise Jacobi iteration, with classifier-free guidance in the deep block.  An optional non-causal "learnable
+self-denoiser" head predicts the score of the noise-augmented latents.
+
+Parameter names follow the official release, so its checkpoints load with `load_official_state_dict`.
+"""
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from misc.pe import RotaryEmbedding, apply_rope, get_positions
+
+INV_SOFTPLUS_1 = 0.541324854612918  # softplus(INV_SOFTPLUS_1) == 1: a zero output means scale 1
+OFFICIAL_DEAD_BUFFERS = ("var", "attn_mask", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
+# Official keyword arguments that we accept only with their inert value (the features are broken or unused there).
+INERT_OPTIONS = {"use_pretrained_lm": None, "use_mm_attn": False, "noise_embed_denoiser": False}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Architecture of a TransformerFlow, with the official keyword names (0/1 flags are accepted as booleans)."""
+    in_channels: int
+    img_size: int  # latent side (pixels / VAE factor); sets pt_seq_len by default
+    patch_size: int = 1
+    channels: int = 512
+    num_blocks: int = 6
+    layers_per_block: tuple[int, ...] = (8,)
+    head_dim: int = 64
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    rope: bool = True
+    pt_seq_len: int | None = None
+    sos: bool = False
+    txt_size: int = 0
+    txt_dim: int = 0
+    cond_top_only: bool = False
+    use_softplus: bool = False
+    use_swiglu: bool = False
+    use_bias: bool = True
+    use_qk_norm: bool = False
+    use_post_norm: bool = False
+    use_final_norm: bool = False
+    hf_style_rope: bool = False
+    norm_type: str = "layer_norm"
+    use_checkpoint: int = 0  # checkpoint the attention of every k-th layer while training (0: never)
+    use_checkpoint_mlp: int | None = None  # the same for MLPs; None follows use_checkpoint
+    soft_clip: float = 0.0
+    seq_order: str = "R2L"
+    learnable_self_denoiser: bool = False
+    conditional_denoiser: bool = False
+    temporal_causal: int = 0
+    top_block_channels: int | None = None
+    shallow_block_local: bool = False
+    denoiser_window: int | None = None
+    local_attn_window: int | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" or f.type is bool:
+                setattr(self, f.name, bool(value))
+        layers = [self.layers_per_block] if isinstance(self.layers_per_block, int) else list(self.layers_per_block)
+        if len(layers) == 1:
+            layers = layers * self.num_blocks
+        if len(layers) != self.num_blocks:
+            raise ValueError(f"layers_per_block has {len(layers)} entries but num_blocks is {self.num_blocks}")
+        self.layers_per_block = tuple(int(n) for n in layers)
+        self.pt_seq_len = self.pt_seq_len or self.img_size // self.patch_size
+        self.top_block_channels = self.top_block_channels or self.channels
+        checks = [
+            (self.rope, "rope=0 (learned position tables) is not supported: the official code cannot run it either"),
+            (self.seq_order in ("R2L", "L2R"), f"seq_order must be 'R2L' or 'L2R', got {self.seq_order!r}"),
+            (self.norm_type in ("layer_norm", "rms_norm", "none"), f"unknown norm_type {self.norm_type!r}"),
+            (not self.local_attn_window or self.shallow_block_local, "local_attn_window requires shallow_block_local"),
+            (not self.local_attn_window or self.sos, "local_attn_window requires sos"),
+            (not self.shallow_block_local or self.cond_top_only, "shallow_block_local requires cond_top_only"),
+            (not self.cond_top_only or self.txt_size > 0, "cond_top_only requires txt_size > 0"),
+            (not self.temporal_causal or self.seq_order == "L2R", "temporal_causal requires seq_order L2R"),
+            (self.layers_per_block[-1] > 0, "the deep (last) block needs at least one layer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, inert in INERT_OPTIONS.items():
+            value = kwargs.pop(key, inert)
+            if (value or None) != (inert or None):
+                raise ValueError(f"model option {key}={value!r} is not supported (only {inert!r})")
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown model option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer layers
+# ----------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Gemma-style RMSNorm: computed in fp32, scaled by (1 + weight) with weight initialised to zero."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1 + self.weight.float())).type_as(x)
+
+
+def make_norm(norm_type: str, dim: int) -> nn.Module:
+    return {"layer_norm": nn.LayerNorm, "rms_norm": RMSNorm}.get(norm_type, lambda _: nn.Identity())(dim)
+
+
+class KVCache:
+    """Rotated keys and values of every attention layer of one flow block, for decoding and image conditioning.
+
+    `length` is the number of filled slots; a step writes its tokens at [length, length + n) in every layer and then
+    calls `advance(n)`.  Jacobi decoding rewinds with `truncate`.  `prefix` holds the block's (permuted) input tokens
+    when the cache was filled by a forward pass over a context such as a first video frame.
+    """
+
+    def __init__(self):
+        self.keys, self.values, self.length, self.prefix = [], [], 0, None
+        self.capacity = 0  # slots to allocate at the first write
+
+    def reserve(self, capacity: int):
+        self.capacity = max(self.capacity, capacity)
+
+    def __len__(self):
+        return self.length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        if layer == len(self.keys):
+            self.keys.append(k.new_empty(*k.shape[:2], 0, k.size(3)))
+            self.values.append(self.keys[-1].clone())
+        if end > self.keys[layer].size(2):  # grow geometrically
+            for store in (self.keys, self.values):
+                old = store[layer]
+                store[layer] = old.new_empty(*k.shape[:2], max(end, 2 * old.size(2), self.capacity), k.size(3))
+                store[layer][:, :, :self.length] = old[:, :, :self.length]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int):
+        self.length += n
+
+    def truncate(self, length: int):
+        self.length = min(self.length, length)
+
+    def keep_first_half(self):
+        """Drop the unconditional half of a guided batch."""
+        half = lambda t: t[: t.size(0) // 2]
+        self.keys, self.values = [half(k) for k in self.keys], [half(v) for v in self.values]
+        self.prefix = None if self.prefix is None else half(self.prefix)
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head attention with grouped KV heads, optional qk-norm, RoPE and a KV cache."""
+
+    def __init__(self, channels, head_dim, num_heads, num_kv_heads, norm_type, use_qk_norm, use_post_norm, use_bias,
+                 hf_style_rope):
+        super().__init__()
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+        self.hf_style_rope = hf_style_rope
+        self.norm = make_norm(norm_type, channels)
+        self.qkv = nn.Linear(channels, (num_heads + 2 * num_kv_heads) * head_dim, bias=use_bias)
+        self.proj = nn.Linear(num_heads * head_dim, channels, bias=use_bias)
+        if use_qk_norm:
+            self.query_norm, self.key_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.use_qk_norm = use_qk_norm
+        self.post_norm = RMSNorm(channels) if use_post_norm else nn.Identity()
+
+    def forward(self, x, rope, cache=None, layer=0, causal=True, mask=None, temp=1.0):
+        """x: (B, L, C) tokens at cache slots [len(cache), len(cache) + L); rope: (cos, sin) tables by slot.
+        A causal call over a non-empty cache needs the prefix-causal `mask` (see `Transformer.run`)."""
+        B, L, _ = x.shape
+        H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv(self.norm(x)).split([(H + G) * d, G * d], -1)
+        qk, v = qk.view(B, L, H + G, d), v.view(B, L, G, d)
+        if self.use_qk_norm:
+            qk = torch.cat([self.query_norm(qk[:, :, :H]), self.key_norm(qk[:, :, H:])], dim=2)
+        start = len(cache) if cache is not None else 0
+        if rope is not None:  # q and k rotated together, by their slots
+            qk = apply_rope(qk, rope[0][start:start + L], rope[1][start:start + L], self.hf_style_rope)
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
+        is_causal = causal and mask is None and L > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             scale=(self.head_dim ** -0.25) ** 2 / temp,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.post_norm(self.proj(out.transpose(1, 2).reshape(B, L, -1)))
+
+
+class MLP(nn.Module):
+    """Pre-norm MLP: exact-GELU two-layer network, or a tanh-GELU gated unit with `use_swiglu`."""
+
+    def __init__(self, channels, expansion, use_swiglu, norm_type, use_post_norm, use_bias):
+        super().__init__()
+        hidden = int(channels * expansion)
+        self.norm = make_norm(norm_type, channels)
+        self.use_swiglu = use_swiglu
+        if use_swiglu:
+            self.gate_proj = nn.Linear(channels, hidden, bias=use_bias)
+            self.up_proj = nn.Linear(channels, hidden, bias=use_bias)
+            self.down_proj = nn.Linear(hidden, channels, bias=use_bias)
+        else:
+            self.main = nn.Sequential(nn.Linear(channels, hidden, bias=use_bias), nn.GELU(),
+                                      nn.Linear(hidden, channels, bias=use_bias))
+        self.post_norm = RMSNorm(channels) if use_post_norm else nn.Identity()
+
+    def forward(self, x):
+        h = self.norm(x)
+        if self.use_swiglu:
+            h = self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+        else:
+            h = self.main(h)
+        return self.post_norm(h)
+
+
+class AttentionBlock(nn.Module):
+    """One transformer layer: x + attention(x), then + mlp(x); both sublayers normalise their own input."""
+
+    def __init__(self, channels, head_dim, num_heads, num_kv_heads, use_swiglu, norm_type, use_qk_norm,
+                 use_post_norm, use_bias, hf_style_rope, expansion=4):
+        super().__init__()
+        self.attention = Attention(channels, head_dim, num_heads, num_kv_heads, norm_type, use_qk_norm, use_post_norm,
+                                   use_bias, hf_style_rope)
+        self.mlp = MLP(channels, expansion, use_swiglu, norm_type, use_post_norm, use_bias)
+
+    def forward(self, x, rope, cache=None, layer=0, causal=True, mask=None, temp=1.0, ckpt_attn=False,
+                ckpt_mlp=False):
+        attn = lambda h: self.attention(h, rope, cache, layer, causal, mask, temp)
+        x = x + (checkpoint(attn, x, use_reentrant=False) if ckpt_attn else attn(x))
+        return x + (checkpoint(self.mlp, x, use_reentrant=False) if ckpt_mlp else self.mlp(x))
+
+
+class Transformer(nn.Module):
+    """proj_in -> [text prefix] -> layers -> final norm -> proj_out: the trunk shared by flow blocks and denoiser."""
+
+    def __init__(self, cfg: ModelConfig, in_channels, out_channels, channels, num_layers, txt_dim, num_heads=None):
+        super().__init__()
+        num_heads = num_heads or cfg.num_heads or channels // cfg.head_dim
+        self.proj_in = nn.Linear(in_channels, channels)
+        self.proj_out = nn.Linear(channels, out_channels)
+        nn.init.zeros_(self.proj_out.weight)
+        self.txt_dim = txt_dim
+        if txt_dim:
+            self.proj_txt = nn.Linear(txt_dim, channels)
+        self.attn_blocks = nn.ModuleList(
+            AttentionBlock(channels, cfg.head_dim, num_heads, cfg.num_kv_heads or num_heads, cfg.use_swiglu,
+                           cfg.norm_type, cfg.use_qk_norm, cfg.use_post_norm, cfg.use_bias, cfg.hf_style_rope)
+            for _ in range(num_layers))
+        self.final_norm = RMSNorm(channels) if cfg.use_final_norm else nn.Identity()
+        every_attn, every_mlp = cfg.use_checkpoint, cfg.use_checkpoint_mlp
+        every_mlp = every_attn if every_mlp is None else every_mlp
+        self.ckpt = [(bool(every_attn) and (i + 1) % every_attn == 0, bool(every_mlp) and (i + 1) % every_mlp == 0)
+                     for i in range(num_layers)]
+
+    def run(self, x, y, rope, cache=None, causal=True, mask=None, temp=1.0):
+        """x: (B, L, Cin) input tokens, y: (B, Ly, txt_dim) text or None, placed first.  Returns the hidden states
+        (B, L, C) of x and (B, Ly, C) of y, final-normed; with a cache, their K/V are appended to it."""
+        h = self.proj_in(x.to(self.proj_in.weight.dtype))
+        n_txt = 0
+        if y is not None:
+            n_txt = y.size(1)
+            h = torch.cat([self.proj_txt(y.to(self.proj_txt.weight.dtype)), h], dim=1)
+        start = len(cache) if cache is not None else 0
+        if causal and mask is None and start > 0 and h.size(1) > 1:  # queries follow a cached prefix
+            mask = torch.ones(h.size(1), start + h.size(1), dtype=torch.bool, device=h.device).tril(diagonal=start)
+        for i, layer in enumerate(self.attn_blocks):
+            ckpt_attn, ckpt_mlp = self.ckpt[i] if self.training else (False, False)
+            h = layer(h, rope, cache, i, causal, mask, temp, ckpt_attn, ckpt_mlp)
+        if cache is not None:
+            cache.advance(h.size(1))
+        h = self.final_norm(h)
+        return h[:, n_txt:], h[:, :n_txt]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow maths
+# ----------------------------------------------------------------------------------------------------------------
+def affine_params(out: torch.Tensor, soft_clip: float, use_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw network output (..., 2C) -> shift mu and scale sigma (..., C) in fp32."""
+    if soft_clip > 0:
+        out = soft_clip * torch.tanh(out / soft_clip)
+    a, mu = out.float().chunk(2, dim=-1)
+    sigma = F.softplus(a + INV_SOFTPLUS_1) if use_softplus else a.exp()
+    return mu, sigma
+
+
+def guide(mu: torch.Tensor, sigma: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance of a batch [cond; uncond]: the Gaussian (1+w) log p_cond - w log p_uncond, with the
+    unconditional variance clipped so the precision stays positive.  Both halves get the guided (mu, sigma)."""
+    (mu_c, mu_u), (sigma_c, sigma_u) = mu.chunk(2), sigma.chunk(2)
+    s = (sigma_c / sigma_u).clip(max=1.0).square()
+    d = 1 + w - w * s
+    mu, sigma = ((1 + w) * mu_c - (w * s) * mu_u) / d, sigma_c / d.sqrt()
+    return torch.cat([mu, mu]), torch.cat([sigma, sigma])
+
+
+class MetaBlock(Transformer):
+    """One autoregressive affine flow over the (possibly flipped) token sequence.
+
+    `flip` is None (raster order), "all" (reversed sequence) or "frame" (reversed within each video frame).
+    """
+
+    def __init__(self, cfg: ModelConfig, flip, num_layers, txt_dim, channels, num_heads=None, local_attn_window=None):
+        cin = cfg.in_channels * cfg.patch_size ** 2
+        super().__init__(cfg, cin, 2 * cin, channels, num_layers, txt_dim, num_heads)
+        if cfg.sos:
+            self.sos_embed = nn.Parameter(torch.randn(1, 1, cin))
+        self.use_sos, self.use_softplus, self.soft_clip = cfg.sos, cfg.use_softplus, cfg.soft_clip
+        self.flip, self.local_attn_window = flip, local_attn_window
+
+    # (B, [T], H, W, C) <-> (B, N, C) in this block's order; every order is its own inverse.
+    def to_seq(self, x):
+        s = x.flatten(1, -2)
+        if self.flip == "all" or (self.flip == "frame" and x.dim() == 4):
+            return s.flip(1)
+        if self.flip == "frame":
+            return s.view(x.size(0), x.size(1), -1, x.size(-1)).flip(2).view_as(s)
+        return s
+
+    def from_seq(self, s, shape):
+        return self.to_seq(s.view(s.size(0), *shape[1:])).view(s.size(0), *shape[1:])
+
+    def _shift(self, s):
+        """Network inputs for each slot: the previous token, or the SOS embedding first."""
+        if not self.use_sos:
+            return s
+        return torch.cat([self.sos_embed.expand(s.size(0), 1, -1).to(s.dtype), s[:, :-1]], dim=1)
+
+    def params(self, h, guidance=0.0):
+        mu, sigma = affine_params(self.proj_out(h), self.soft_clip, self.use_softplus)
+        return guide(mu, sigma, guidance) if guidance > 0 else (mu, sigma)
+
+    def forward(self, x, y, rope, cache=None, guidance=0.0):
+        """x: (B, [T], H, W, C) -> z of the same shape, projected text (or None), logdet (B, N, C) in sequence order."""
+        s = self.to_seq(x)
+        h, h_txt = self.run(self._shift(s), y if self.txt_dim else None, rope, cache)
+        if cache is not None:
+            cache.prefix = s
+        mu, sigma = self.params(h if self.use_sos else F.pad(h, (0, 0, 1, 0))[:, :-1], guidance)
+        if not self.use_sos:  # token 0 has no predecessor: identity
+            mu, sigma = mu.clone(), sigma.clone()
+            mu[:, 0], sigma[:, 0] = 0, 1
+        z = (s.float() - mu) / sigma
+        return self.from_seq(z, x.shape).to(h.dtype), (h_txt if self.txt_dim else None), -sigma.log()
+
+    @torch.no_grad()
+    def reverse(self, z, y, rope, guidance=0.0, cache=None, block_size=1, max_iter=1, threshold=0.0,
+                context_length=None, attn_temp=1.0, agree: Callable[[int], int] | None = None, verbose=False):
+        """Invert the block: z (B, [T], H, W, C) -> x.  With block_size 1 this is exact sequential decoding; larger
+        blocks solve `block_size` tokens at a time by Jacobi fixed-point iteration (see `_decode`)."""
+        dtype, shape = z.dtype, z.shape
+        noise = self.to_seq(z.float())
+        if guidance > 0:
+            noise = torch.cat([noise, noise])
+        x = self._decode(noise, y if self.txt_dim else None, rope, guidance, cache if cache is not None else KVCache(),
+                         frame=noise.size(1) // (shape[1] if z.dim() == 5 else 1), block_size=block_size,
+                         max_iter=max_iter, threshold=threshold, context_length=context_length, temp=attn_temp,
+                         agree=agree, verbose=verbose)
+        if guidance > 0:
+            x = x[: x.size(0) // 2]
+            if cache is not None:
+                cache.keep_first_half()
+        return self.from_seq(x, shape).to(dtype)
+
+    def _decode(self, noise, y, rope, guidance, cache, frame, block_size, max_iter, threshold, context_length, temp,
+                agree, verbose):
+        """Solve x from noise (B, N, C) in sequence order.
+
+        xs[j] is the network input of slot j and xs[j + 1] the token slot j predicts (xs[0] is the SOS embedding; without
+        SOS, token 0 is its own noise).  `start` slots are final and cached.  Each iteration runs the window of slots
+        [start, start + size) on the current guesses, then keeps the leading tokens that are settled: the first one
+        is exact, and each next one is kept if its predecessor moved less than `threshold` (relative squared change)
+        or has been iterated max_iter times.  A fresh video token is first guessed from the previous frame.  With a
+        local attention window, the cache is rebuilt every (window - context) frames from the last context frames.
+        """
+        B, N, C = noise.shape
+        if self.use_sos:
+            xs = torch.cat([self.sos_embed.float().expand(B, 1, C), noise], dim=1)
+        else:
+            xs, noise = noise.clone(), noise[:, 1:]
+        n_slots = noise.size(1)
+        n_txt = y.size(1) if y is not None else 0
+        start = 0
+        if cache.prefix is not None and len(cache) > n_txt:  # continue after a prefilled context
+            p = cache.prefix.size(1)
+            xs[:, int(self.use_sos):p + int(self.use_sos)] = cache.prefix
+            start = p if self.use_sos else p - 1  # without SOS, token p is the output of cached slot p - 1
+            cache.truncate(n_txt + start)
+        else:
+            cache.truncate(0)
+            if y is not None:
+                self.run(xs[:, :0], y, rope, cache, temp=temp)
+        window = self.local_attn_window * frame if self.local_attn_window else None
+        target = min(n_slots, window) if window else n_slots
+        cache.reserve(n_txt + target)
+        origin = 0  # xs index of the first image slot in the cache
+        computed = torch.zeros(n_slots, dtype=torch.long)
+        seen = start  # slots up to here have had a guess assigned
+        bar = tqdm(total=n_slots, initial=start, disable=not verbose, desc="decoding", leave=False)
+        while True:
+            while start < target:
+                end = min(start + (4 * block_size if start > frame and block_size > 1 else block_size), target)
+                if max(seen, frame) < end:  # video: guess fresh tokens from the previous frame
+                    lo = max(seen, frame)
+                    xs[:, lo + 1:end + 1] = xs[:, lo + 1 - frame:end + 1 - frame]
+                seen = max(seen, end)
+                h, _ = self.run(xs[:, start:end], None, rope, cache, temp=temp)
+                mu, sigma = self.params(h, guidance)
+                new = mu + sigma * noise[:, start:end]
+                keep = 1
+                if end - start > 1:
+                    computed[start:end] += 1
+                    change = (new - xs[:, start + 1:end + 1]).square().mean(2).amax(0) / new.square().mean()
+                    settled = (change[:-1] < threshold) | (computed[start + 1:end] >= max_iter).to(change.device)
+                    keep += int(settled.long().cumprod(0).sum())
+                    keep = agree(keep) if agree is not None else keep
+                xs[:, start + 1:end + 1] = new
+                cache.truncate(n_txt + start - origin + keep)
+                start += keep
+                bar.update(keep)
+            if target >= n_slots:
+                break
+            context = context_length * frame
+            target = min(target + window - context, n_slots)
+            origin = start - context
+            cache.truncate(0)
+            if y is not None:
+                self.run(xs[:, :0], y, rope, cache, temp=temp)
+            self.run(torch.cat([xs[:, :1], xs[:, origin + 1:start]], dim=1), None, rope, cache, temp=temp)
+        bar.close()
+        return xs[:, 1:] if self.use_sos else xs
+
+
+class IdentityBlock(nn.Module):
+    """A shallow block with zero layers: no parameters, identity map, zero log-determinant."""
+    flip, txt_dim = None, 0
+
+    def forward(self, x, y, rope, cache=None, guidance=0.0):
+        return x, None, x.new_zeros(x.size(0))
+
+    def reverse(self, z, *args, **kwargs):
+        return z
+
+
+class NonCausalBlock(Transformer):
+    """The learnable self-denoiser: a bidirectional transformer from noisy latents (and text) to their score.
+
+    For video with `block_causal` A > 0, frame f attends to all text and to frames [f + A - 1 - window, f + A - 1].
+    """
+
+    def __init__(self, cfg: ModelConfig, txt_dim):
+        cin = cfg.in_channels * cfg.patch_size ** 2
+        super().__init__(cfg, cin, cin, cfg.channels, 8, txt_dim, cfg.num_heads)
+        self.block_causal, self.window = cfg.temporal_causal, cfg.denoiser_window
+
+    def mask(self, shape, n_txt, device):
+        frame = shape[2] * shape[3]
+        a, g = self.block_causal, self.window or 10000
+        q = torch.arange(n_txt + shape[1] * frame, device=device)
+        k = q[None, :]
+        q = q[:, None]
+        frame_k = torch.div(k - n_txt, frame, rounding_mode="floor")
+        lo = torch.div(q - n_txt, frame, rounding_mode="floor") + a - 1 - g
+        hi = torch.div((q - n_txt).relu(), frame, rounding_mode="floor") + a - 1
+        return (k < n_txt) | ((frame_k >= lo) & (frame_k <= hi))
+
+    def forward(self, x, y, rope):
+        """x: (B, [T], H, W, C) -> predicted score of the same shape."""
+        y = y if self.txt_dim else None
+        mask = None
+        if self.block_causal and x.dim() == 5:
+            mask = self.mask(x.shape, y.size(1) if y is not None else 0, x.device)
+        h, _ = self.run(x.flatten(1, -2), y, rope, causal=False, mask=mask)
+        return self.proj_out(h).view(*x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+class Model(nn.Module):
+    """A deep-shallow TransformerFlow: shallow blocks 0..n-2 then the deep block n-1 (and optionally a denoiser).
+
+    Built from the official keyword arguments (`Model(in_channels=4, img_size=32, ...)`) or a `ModelConfig`.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, **kwargs):
+        super().__init__()
+        cfg = self.config = config if config is not None else ModelConfig.from_kwargs(**kwargs)
+        # Alternate orders, deep block included; L2R leaves the deep block in raster order.
+        flips = ["frame" if cfg.temporal_causal else "all", None]
+        flips = flips[::-1] if cfg.seq_order == "R2L" else flips
+        blocks = [MetaBlock(cfg, flips[i % 2], n, 0 if cfg.cond_top_only else cfg.txt_dim, cfg.channels)
+                  if n else IdentityBlock() for i, n in enumerate(cfg.layers_per_block[:-1])]
+        top_heads = cfg.num_heads or cfg.top_block_channels // cfg.head_dim
+        blocks.append(MetaBlock(cfg, flips[(cfg.num_blocks - 1) % 2], cfg.layers_per_block[-1], cfg.txt_dim,
+                                cfg.top_block_channels, top_heads, cfg.local_attn_window))
+        self.blocks = nn.ModuleList(blocks)
+        if cfg.learnable_self_denoiser:
+            self.learnable_self_denoiser = NonCausalBlock(cfg, cfg.txt_dim if cfg.conditional_denoiser else 0)
+        self.rope = RotaryEmbedding(cfg.head_dim, time_axis=cfg.txt_size > 0)
+
+    # ---- shapes -------------------------------------------------------------------------------------------------
+    def patchify(self, x):
+        """(..., C, H, W) -> (..., H/p, W/p, p*p*C)."""
+        p = self.config.patch_size
+        if x.size(-1) % p or x.size(-2) % p:
+            raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of patch_size {p}")
+        x = x.unflatten(-1, (-1, p)).unflatten(-3, (-1, p))  # (..., C, h, p1, w, p2)
+        return x.movedim(-5, -1).movedim(-4, -3).flatten(-3)  # (..., h, w, p1, p2, C)
+
+    def unpatchify(self, x):
+        """(..., h, w, p*p*C) -> (..., C, h*p, w*p)."""
+        p = self.config.patch_size
+        x = x.unflatten(-1, (p, p, -1)).movedim(-1, -5).movedim(-2, -3)  # (..., C, h, p1, w, p2)
+        return x.flatten(-2).flatten(-3, -2)
+
+    def rope_tables(self, shape, n_txt, device):
+        """cos/sin tables for a block input of patchified shape (B, [T], h, w, C) after n_txt text tokens."""
+        frames = shape[1] if len(shape) == 5 else 0
+        mode = "3d" if self.config.txt_size > 0 or frames else "2d"
+        pos = get_positions(shape[-3], shape[-2], n_txt, self.config.pt_seq_len, frames, mode)
+        return self.rope(pos.to(device))
+
+    def _local(self, block, x):
+        """Whether a shallow block sees each video frame on its own; if so, x as (B*T, 1, h, w, C)."""
+        local = self.config.shallow_block_local and x.dim() == 5 and not isinstance(block, IdentityBlock)
+        return local, (x.flatten(0, 1).unsqueeze(1) if local else x)
+
+    def _text_len(self, block, y):
+        return y.size(1) if y is not None and block.txt_dim else 0
+
+    # ---- likelihood ---------------------------------------------------------------------------------------------
+    def forward(self, x, y=None, guidance=0.0, kv_caches=None):
+        """x: latents (B, C, H, W) or (B, T, C, H, W); y: text (B, Ly, txt_dim) or None.
+
+        Returns (z, text hidden states of the deep block, per-block patchified outputs [input first], per-block
+        log-determinants).  With guidance > 0, x is [x; x] and y is [cond; uncond] (only the deep block is guided
+        when cond_top_only).  With kv_caches (one per block, deep block first) the caches are filled.
+        """
+        x = self.patchify(x)
+        outputs, logdets, tables = [x], [], {}
+        y_shallow = y.chunk(2)[0] if self.config.cond_top_only and guidance > 0 and y is not None else y
+        for i, block in enumerate(self.blocks):
+            deep = i == len(self.blocks) - 1
+            local, h = (False, x) if deep else self._local(block, x)
+            y_i = y if deep else y_shallow
+            key = (h.shape, self._text_len(block, y_i))
+            if key not in tables:
+                tables[key] = self.rope_tables(h.shape, key[1], x.device)
+            cache = kv_caches[len(self.blocks) - 1 - i] if kv_caches and not local else None
+            h, y_out, logdet = block(h, y_i, tables[key], cache, guidance if deep else 0.0)
+            x = h.view_as(x)
+            if local:
+                logdet = logdet.view(x.size(0), x.size(1), *logdet.shape[1:])
+            outputs.append(x)
+            logdets.append(logdet)
+        return self.unpatchify(x), y_out, outputs, logdets
+
+    @staticmethod
+    def get_loss(z, logdets, weights=None) -> dict[str, torch.Tensor]:
+        """Per-dimension negative log-likelihood in nats (without the 0.5 log 2 pi constant), averaged over the batch;
+        `weights` scales each sample's loss."""
+        loss_z = 0.5 * z.float().pow(2).flatten(1).mean(1)
+        loss_logdet = -sum(ld.reshape(ld.size(0), -1).mean(1) for ld in logdets)
+        loss = loss_z + loss_logdet
+        if weights is not None:
+            loss = loss * weights
+        return {"loss": loss.mean(), "loss_z": loss_z.detach().mean(), "loss_logdet": loss_logdet.detach().mean()}
+
+    # ---- sampling -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reverse(self, z, y=None, guidance=0.0, guide_top=None, return_sequence=False, verbose=False,
+                kv_caches=None, jacobi=False, jacobi_block_size=32, jacobi_max_iter=32, jacobi_th=1e-3,
+                context_length=None, attn_temp=1.0, agree=None):
+        """Generate latents from noise z (the shape of x).  y is text (B, Ly, D), or [cond; uncond] rows when
+        guidance > 0.  Sequential decoding by default; `jacobi` solves jacobi_block_size tokens at a time (4x that
+        after the first video frame), iterating until the relative change falls below jacobi_th or jacobi_max_iter.
+        `kv_caches` from `prefill` continue a given first frame.  `agree(n) -> int`, when given, turns this process's
+        count of settled tokens into the count all processes use (e.g. an all-reduce min).  The shallow blocks are
+        unguided when cond_top_only or guide_top is set."""
+        if self.config.local_attn_window and not context_length:
+            raise ValueError("decoding with local_attn_window needs context_length")
+        caches = kv_caches or [KVCache() for _ in self.blocks]
+        decode = dict(block_size=jacobi_block_size if jacobi else 1, max_iter=jacobi_max_iter if jacobi else 1,
+                      threshold=jacobi_th if jacobi else 0.0, context_length=context_length, attn_temp=attn_temp,
+                      agree=agree, verbose=verbose)
+        seq, x = [z], self.patchify(z)
+        for j, block in enumerate(reversed(self.blocks)):
+            deep = j == 0
+            if j == 1 and guidance > 0 and (guide_top is not None or self.config.cond_top_only):
+                guidance, y = 0.0, y.chunk(2)[0]
+            local, h = (False, x) if deep else self._local(block, x)
+            cache = KVCache() if local else caches[j]
+            h = block.reverse(h, y, self.rope_tables(h.shape, self._text_len(block, y), x.device), guidance, cache,
+                              **decode)
+            x = h.view_as(x)
+            seq.append(self.unpatchify(x))
+        return seq if return_sequence else seq[-1]
+
+    @torch.no_grad()
+    def prefill(self, x, y=None, kv_caches=None) -> list[KVCache]:
+        """Fill decoding caches from given leading latents, e.g. a first frame (B, 1, C, H, W); `reverse` then
+        continues after it.  With y of twice x's batch ([cond; uncond]), x is doubled for the guided deep block and
+        the shallow caches keep the conditional half."""
+        caches = kv_caches or [KVCache() for _ in self.blocks]
+        guided = y is not None and self.config.cond_top_only and y.size(0) == 2 * x.size(0)
+        self.forward(torch.cat([x, x]) if guided else x, y, kv_caches=caches)
+        if guided:
+            for cache in caches[1:]:
+                cache.keep_first_half()
+        return caches
+
+    def denoise(self, x, y=None):
+        """Run the learnable self-denoiser on noisy latents x (shape of the model input): its score estimate."""
+        h = self.patchify(x)
+        block = self.learnable_self_denoiser
+        y = y if block.txt_dim else None
+        rope = self.rope_tables(h.shape, y.size(1) if y is not None else 0, x.device)
+        return self.unpatchify(block(h, y, rope))
+
+
+def bits_per_dim(nll_nats: torch.Tensor | float) -> torch.Tensor | float:
+    """Per-dimension NLL from `get_loss` (nats, no Gaussian constant) -> bits per latent dimension."""
+    return (nll_nats + 0.5 * math.log(2 * math.pi)) / math.log(2)
+
+
+def load_official_state_dict(model: Model, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load an official STARFlow checkpoint (or one of ours) strictly, after dropping the official dead buffers.
+
+    Raises ValueError listing every missing, unexpected or mis-shaped tensor; the model is unchanged in that case.
+    """
+    dead = lambda k: k in OFFICIAL_DEAD_BUFFERS or k.endswith(".attn_mask")
+    state_dict = {k: v for k, v in state_dict.items() if not dead(k)}
+    own = model.state_dict()
+    problems = [f"missing: {k}" for k in own if k not in state_dict]
+    problems += [f"unexpected: {k}" for k in state_dict if k not in own]
+    problems += [f"shape of {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ValueError("checkpoint does not fit the model:\n  " + "\n  ".join(shown))
+    model.load_state_dict(state_dict, strict=True)
