@@ -138,10 +138,10 @@ class KVCache:
 
     def __init__(self):
         self.keys, self.values, self.length, self.prefix = [], [], 0, None
-        self.capacity = 0  # slots to allocate at the first write
+        self.capacity, self.dtype = 0, None  # slots and dtype to allocate at the first write
 
-    def reserve(self, capacity: int):
-        self.capacity = max(self.capacity, capacity)
+    def reserve(self, capacity: int, dtype: torch.dtype | None = None):
+        self.capacity, self.dtype = max(self.capacity, capacity), dtype
 
     def __len__(self):
         return self.length
@@ -149,7 +149,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.size(2)
         if layer == len(self.keys):
-            self.keys.append(k.new_empty(*k.shape[:2], 0, k.size(3)))
+            self.keys.append(k.new_empty(*k.shape[:2], 0, k.size(3), dtype=self.dtype or k.dtype))
             self.values.append(self.keys[-1].clone())
         if end > self.keys[layer].size(2):  # grow geometrically
             for store in (self.keys, self.values):
@@ -417,7 +417,7 @@ class MetaBlock(Transformer):
                 self.run(xs[:, :0], y, rope, cache, temp=temp)
         window = self.local_attn_window * frame if self.local_attn_window else None
         target = min(n_slots, window) if window else n_slots
-        cache.reserve(n_txt + target)
+        cache.reserve(n_txt + target, self.proj_in.weight.dtype)
         origin = 0  # xs index of the first image slot in the cache
         computed = torch.zeros(n_slots, dtype=torch.long)
         seen = start  # slots up to here have had a guess assigned
@@ -595,11 +595,13 @@ class Model(nn.Module):
     # ---- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, guide_top=None, return_sequence=False, verbose=False,
-                kv_caches=None, jacobi=False, jacobi_block_size=32, jacobi_max_iter=32, jacobi_th=1e-3,
+                kv_caches=None, jacobi=True, jacobi_block_size=256, jacobi_max_iter=32, jacobi_th=5e-3,
                 context_length=None, attn_temp=1.0, agree=None):
         """Generate latents from noise z (the shape of x).  y is text (B, Ly, D), or [cond; uncond] rows when
-        guidance > 0.  Sequential decoding by default; `jacobi` solves jacobi_block_size tokens at a time (4x that
-        after the first video frame), iterating until the relative change falls below jacobi_th or jacobi_max_iter.
+        guidance > 0.  Jacobi decoding (the default) solves a window of jacobi_block_size tokens at a time (4x that
+        after the first video frame) and keeps the tokens that settled: their predecessors' relative squared change
+        fell below jacobi_th, or they were iterated jacobi_max_iter times.  The defaults land within ~1e-2 relative
+        L2 of the exact inverse, which `jacobi=False` (sequential decoding) computes.
         `kv_caches` from `prefill` continue a given first frame.  `agree(n) -> int`, when given, turns this process's
         count of settled tokens into the count all processes use (e.g. an all-reduce min).  The shallow blocks are
         unguided when cond_top_only or guide_top is set."""

@@ -4,8 +4,9 @@
     python scripts/benchmark.py --official ../ml-starflow  # side by side with an official checkout, with ratios
 
 Default setting: channels 256, layers 1,1,1,6, head_dim 64, 16x16x4 latents, 16 text tokens of width 64, batch 2,
-guidance 2.0, 2 CPU threads.  Sampling reports the median time over --repeats and the relative L2 distance to the
-exact inverse (sequential decoding); training reports tokens/s of forward + backward + AdamW step and peak memory.
+guidance 2.0, 2 CPU threads.  Runs take turns (ours, official, ours, ...) and the best of --repeats is reported, with
+the median beside it.  Sampling also reports the relative L2 distance to the exact inverse (sequential decoding);
+training reports tokens/s of a forward + backward + AdamW step.
 """
 import argparse
 import contextlib
@@ -50,15 +51,18 @@ def model_kwargs(args):
                 soft_clip=4.0, seq_order="L2R")
 
 
-def timed(fn, repeats):
-    times, out = [], None
+def interleaved(fns: dict, repeats: int):
+    """Time each function `repeats` times, taking turns so that all see the same machine load.
+    Returns {name: (best seconds, median seconds, last output)}."""
+    times, outs = {k: [] for k in fns}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            outs[name] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {k: (min(t), statistics.median(t), outs[k]) for k, t in times.items()}
 
 
 def rel_l2(a, b):
@@ -71,23 +75,20 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, Linux reports KiB
 
 
-def train_throughput(model, x, y, steps, device):
+def train_step_fn(model, x, y):
+    """A closure running one forward + backward + AdamW step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
-    model.train()
 
     def step():
+        model.train()
         z, _, _, logdets = model(x, y)
-        loss = model.get_loss(z, logdets)["loss"]
-        loss.backward()
+        model.get_loss(z, logdets)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        model.eval()
 
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds, _ = timed(lambda: [step() for _ in range(steps)], 1)
-    model.eval()
-    return x.size(0) * x[0, 0].numel() * steps / seconds, peak_memory_mb(device)
+    step()  # warm-up: allocates the optimizer state
+    return step
 
 
 def main():
@@ -95,7 +96,7 @@ def main():
     p.add_argument("--official", type=Path, help="root of an official ml-starflow checkout to compare against")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 1, 1, 6])
     p.add_argument("--head_dim", type=int, default=64)
@@ -105,7 +106,7 @@ def main():
     p.add_argument("--txt_dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--train_batch", type=int, default=8)
-    p.add_argument("--train_steps", type=int, default=5)
+    p.add_argument("--train_steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--weight_scale", type=float, default=0.25, help="std of the random proj_out weights (x 1/sqrt C)")
     p.add_argument("--jacobi_block_size", type=int, default=16, help="official Jacobi setting (test_sample_image.sh)")
@@ -141,36 +142,39 @@ def main():
     official_jacobi = dict(jacobi=True, jacobi_block_size=args.jacobi_block_size, jacobi_th=args.jacobi_th,
                            jacobi_max_iter=args.jacobi_max_iter)
 
-    rows = []  # (name, seconds, distance)
+    runs = {"ours sequential (exact inverse)": lambda: ours.reverse(z, y, guidance=w, jacobi=False),
+            "ours default": lambda: ours.reverse(z, y, guidance=w),
+            "ours Jacobi, official settings": lambda: ours.reverse(z, y, guidance=w, **official_jacobi)}
+    if reference is not None:
+        runs["official sequential"] = lambda: reference(z, y, reverse=True, guidance=w)
+        runs["official Jacobi"] = lambda: reference(z, y, reverse=True, guidance=w, **official_jacobi)
     with torch.no_grad():
-        t_exact, exact = timed(lambda: ours.reverse(z, y, guidance=w, jacobi=False), args.repeats)
-        rows.append(("ours sequential (exact inverse)", t_exact, 0.0))
-        t, x = timed(lambda: ours.reverse(z, y, guidance=w), args.repeats)
-        rows.append(("ours default", t, rel_l2(x, exact)))
-        t, x = timed(lambda: ours.reverse(z, y, guidance=w, **official_jacobi), args.repeats)
-        rows.append(("ours Jacobi, official settings", t, rel_l2(x, exact)))
-        if reference is not None:
-            t, x = timed(lambda: reference(z, y, reverse=True, guidance=w), args.repeats)
-            rows.append(("official sequential", t, rel_l2(x, exact)))
-            t, x = timed(lambda: reference(z, y, reverse=True, guidance=w, **official_jacobi), args.repeats)
-            rows.append(("official Jacobi", t, rel_l2(x, exact)))
+        results = interleaved(runs, args.repeats)
+    exact = results["ours sequential (exact inverse)"][2]
 
     print(f"sampling: {args.batch}x{args.latent_channels}x{args.latent_size}x{args.latent_size} latents, "
-          f"guidance {w}, {args.threads} threads, {device}")
-    base = rows[-1][1] if reference is not None else None
-    for name, seconds, dist in rows:
-        ratio = f"  {seconds / base:5.2f}x official Jacobi" if base else ""
-        print(f"  {name:34s} {seconds:8.3f} s   rel L2 to exact {dist:.2e}{ratio}")
+          f"guidance {w}, {args.threads} threads, {device}; best and median of {args.repeats}, interleaved")
+    base = results["official Jacobi"][0] if reference is not None else None
+    for name, (best, median, x) in results.items():
+        ratio = f"  {best / base:5.2f}x official Jacobi" if base else ""
+        print(f"  {name:34s} {best:7.3f} s (median {median:.3f})   rel L2 to exact {rel_l2(x, exact):.2e}{ratio}")
 
     x = torch.randn(args.train_batch, *shape[1:], generator=g).to(device)
     y_train = torch.randn(args.train_batch, args.txt_size, args.txt_dim, generator=g).to(device)
-    tok, mem = train_throughput(ours, x, y_train, args.train_steps, device)
-    print(f"training: batch {args.train_batch}, forward + backward + AdamW")
-    print(f"  {'ours':34s} {tok:8.0f} tokens/s   peak memory {mem:.0f} MB")
+    steps = {"ours": train_step_fn(ours, x, y_train)}
     if reference is not None:
-        tok_ref, mem_ref = train_throughput(reference, x, y_train, args.train_steps, device)
-        print(f"  {'official':34s} {tok_ref:8.0f} tokens/s   peak memory {mem_ref:.0f} MB")
-        print(f"  ours / official throughput: {tok / tok_ref:.2f}x")
+        steps["official"] = train_step_fn(reference, x, y_train)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results = interleaved(steps, args.train_steps)
+    tokens = x.size(0) * x[0, 0].numel()
+    print(f"training: batch {args.train_batch} ({tokens} tokens), forward + backward + AdamW, best of "
+          f"{args.train_steps} steps; peak memory {peak_memory_mb(device):.0f} MB "
+          f"({'CUDA allocator' if device.type == 'cuda' else 'process RSS, both models'})")
+    for name, (best, median, _) in results.items():
+        print(f"  {name:34s} {tokens / best:8.0f} tokens/s (median {tokens / median:.0f})")
+    if reference is not None:
+        print(f"  ours / official throughput: {results['official'][0] / results['ours'][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,20 @@ def test_official_state_dict_mismatch_is_reported_and_leaves_model_untouched(edi
     with pytest.raises(ValueError, match=message):
         load_official_state_dict(target, sd)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["image", "video"])
+def test_matches_official_numbers(case):
+    """Outputs the official code computed on these weights (scripts/compare_official.py --golden wrote them)."""
+    from safetensors import safe_open
+    from scripts.compare_official import TOLERANCE, compare
+
+    with safe_open(str(DATA / f"official_{case}.safetensors"), "pt") as f:
+        kwargs = json.loads(f.metadata()["kwargs"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = Model(**kwargs).eval()
+    load_official_state_dict(model, {k[7:]: v for k, v in tensors.items() if k.startswith("weight.")})
+    diffs = compare(model, {k[3:]: v for k, v in tensors.items() if k.startswith("io.")})
+    assert set(diffs) >= {"forward_z", "logdets", "reverse_guided", "jacobi_vs_exact"}
+    for name, diff in diffs.items():
+        assert diff <= TOLERANCE[name], (name, diff)
