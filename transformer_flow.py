@@ -69,7 +69,7 @@ class ModelConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "bool" or f.type is bool:
+            if f.type is bool:
                 setattr(self, f.name, bool(value))
         layers = [self.layers_per_block] if isinstance(self.layers_per_block, int) else list(self.layers_per_block)
         if len(layers) == 1:
@@ -554,6 +554,17 @@ class Model(nn.Module):
     def _text_len(self, block, y):
         return y.size(1) if y is not None and block.txt_dim else 0
 
+    def _check_inputs(self, x, y, guidance):
+        """One clear error for the usual shape mistakes: latents of the wrong rank, text missing or of the wrong batch
+        (with guidance, y holds the conditional rows then the unconditional ones: twice the latent batch)."""
+        if x.dim() not in (4, 5):
+            raise ValueError(f"latents must be (B, C, H, W) or (B, T, C, H, W), got shape {tuple(x.shape)}")
+        if self.config.txt_dim and y is None:
+            raise ValueError("this model is text-conditioned (txt_dim > 0): pass the text embeddings y")
+        if y is not None and y.size(0) != (2 if guidance > 0 else 1) * x.size(0):
+            raise ValueError(f"text batch {y.size(0)} does not match latent batch {x.size(0)}"
+                             + (" (with guidance > 0, y is [conditional; unconditional])" if guidance > 0 else ""))
+
     # ---- likelihood ---------------------------------------------------------------------------------------------
     def forward(self, x, y=None, guidance=0.0, kv_caches=None):
         """x: latents (B, C, H, W) or (B, T, C, H, W); y: text (B, Ly, txt_dim) or None.
@@ -562,6 +573,7 @@ class Model(nn.Module):
         log-determinants).  With guidance > 0, x is [x; x] and y is [cond; uncond] (only the deep block is guided
         when cond_top_only).  With kv_caches (one per block, deep block first) the caches are filled.
         """
+        self._check_inputs(x[: x.size(0) // 2] if guidance > 0 else x, y, guidance)
         x = self.patchify(x)
         outputs, logdets, tables = [x], [], {}
         y_shallow = y.chunk(2)[0] if self.config.cond_top_only and guidance > 0 and y is not None else y
@@ -605,6 +617,7 @@ class Model(nn.Module):
         `kv_caches` from `prefill` continue a given first frame.  `agree(n) -> int`, when given, turns this process's
         count of settled tokens into the count all processes use (e.g. an all-reduce min).  The shallow blocks are
         unguided when cond_top_only or guide_top is set."""
+        self._check_inputs(z, y, guidance)
         if self.config.local_attn_window and not context_length:
             raise ValueError("decoding with local_attn_window needs context_length")
         caches = kv_caches or [KVCache() for _ in self.blocks]

@@ -201,3 +201,14 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="layers_per_block"):
         Model(**dict(IMAGE, num_blocks=4))
     Model(**IMAGE, use_pretrained_lm=None, use_mm_attn=0, noise_embed_denoiser=0)  # official inert values
+
+
+def test_bad_inputs_are_named():
+    model = tiny_model(**IMAGE)
+    z, y = inputs(IMAGE_SHAPE, guided=True)
+    with pytest.raises(ValueError, match=r"with guidance > 0, y is \[conditional; unconditional\]"):
+        model.reverse(z, y[:2], guidance=2.0)
+    with pytest.raises(ValueError, match="text-conditioned"):
+        model(z)
+    with pytest.raises(ValueError, match="latents must be"):
+        model.reverse(z[0], y[:1])
