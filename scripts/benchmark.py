@@ -91,6 +91,34 @@ def train_step_fn(model, x, y):
     return step
 
 
+def config_throughput(args, device):
+    """Training throughput and peak memory of the flow model of a YAML configuration, on random latents and text of
+    the configuration's shapes (no VAE or text encoder needed)."""
+    from utils.config import GROUPS, build_parser, parse_config
+    from utils.model_setup import setup_transformer, text_width, vae_downsample_factor
+
+    cfg = parse_config(build_parser(*GROUPS), ["--model_config_path", str(args.config)])
+    factor = vae_downsample_factor(cfg.vae) if cfg.vae else 1
+    txt_dim = text_width(cfg.text) if cfg.text else 0
+    torch.manual_seed(0)
+    model = setup_transformer(cfg, txt_dim, factor).to(device)
+    side = cfg.img_size // factor
+    shape = (cfg.channel_size, side, side)
+    if cfg.vid_size:
+        shape = ((int(cfg.vid_size.split(":")[0]) - 1) // 4 + 1, *shape)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.train_batch, *shape, generator=g).to(device)
+    y = torch.randn(args.train_batch, cfg.txt_size, txt_dim, generator=g).to(device) if txt_dim else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    best, median, _ = interleaved({"step": train_step_fn(model, x, y)}, args.train_steps)["step"]
+    tokens = x.size(0) * x[0, ..., 0, :, :].numel() // (cfg.patch_size ** 2)
+    print(f"training {args.config}: batch {args.train_batch} ({tokens} tokens), {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, {device}")
+    print(f"  {tokens / best:.0f} tokens/s (median {tokens / median:.0f}), peak memory {peak_memory_mb(device):.0f} MB "
+          f"({'CUDA allocator' if device.type == 'cuda' else 'process RSS'})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official", type=Path, help="root of an official ml-starflow checkout to compare against")
@@ -112,9 +140,12 @@ def main():
     p.add_argument("--jacobi_block_size", type=int, default=16, help="official Jacobi setting (test_sample_image.sh)")
     p.add_argument("--jacobi_th", type=float, default=1e-3)
     p.add_argument("--jacobi_max_iter", type=int, default=32)
+    p.add_argument("--config", type=Path, help="measure training of this YAML configuration's model instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.config:
+        return config_throughput(args, device)
 
     official = import_official(args.official.resolve()) if args.official else None
     torch.manual_seed(0)

@@ -1,0 +1,539 @@
+"""Training data: captioned images or videos as batches `(x, captions, meta)` with a resumable position.
+
+    x         float32 in [-1, 1]: images (B, 3, H, W), videos (B, T, 3, H, W)
+    captions  list of B strings
+    meta      {"fps": LongTensor (B,) (0 for images), "aspect_ratio": one ratio for the whole batch, e.g. "16:9",
+               "index": LongTensor (B,) of dataset indices (-1 for tar shards, which have none)}
+
+Three sources (`--dataset`): `shapes`, coloured shapes drawn from a seed (tests and the demo models); `folder`,
+images or .mp4 videos under `--data` with captions beside them; `webdataset`, tar shards. With `--mix_aspect` each
+sample goes to the bucket of the nearest official aspect ratio and every batch holds one bucket.
+"""
+import csv
+import io
+import itertools
+import json
+import math
+import random
+import tempfile
+import zlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import imageio
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from utils.config import ASPECT_RATIOS
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_EXTS = (".mp4",)
+
+
+def aspect_ratio_to_image_size(target: int, ratio: str | None, multiple: int = 8) -> tuple[int, int]:
+    """(h, w) for aspect ratio "w:h" with an area of about target^2, each side a multiple of `multiple`."""
+    if ratio is None:
+        return target, target
+    r = _ratio_value(ratio)
+    return (round(math.sqrt(target ** 2 / r) / multiple) * multiple,
+            round(math.sqrt(target ** 2 * r) / multiple) * multiple)
+
+
+def nearest_aspect_ratio(width: int, height: int) -> str:
+    """The official ratio closest to width/height; compared in log space, so 2:1 and 1:2 are equally far from 1:1."""
+    return min(ASPECT_RATIOS, key=lambda r: abs(math.log(width / height / _ratio_value(r))))
+
+
+def _ratio_value(ratio: str) -> float:
+    w, h = ratio.split(":")
+    return int(w) / int(h)
+
+
+def parse_vid_size(vid_size: str | None) -> tuple[int, int | None]:
+    """'81:16' -> (81 frames, 16 fps); '81' -> (81, None: keep the source rate); None -> (1, None): images."""
+    if vid_size is None:
+        return 1, None
+    frames, _, fps = str(vid_size).partition(":")
+    return int(frames), int(fps) if fps else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shapes
+
+COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30),
+          "purple": (140, 50, 170), "orange": (240, 130, 30)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+DIRECTIONS = ("left", "right", "up", "down")
+_SIZE_PX = {"small": 10, "large": 18}  # across, at 32 px; everything scales with the image side
+
+
+def render_shape(color: str, shape: str, size: str, position: str | None = None, direction: str | None = None,
+                 img_size: int = 32, frames: int = 1, offset: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+    """One shapes sample as uint8 pixels on white: an image (H, W, 3) with the shape at `position`, or a video
+    (T, H, W, 3) of the shape crossing the frame in `direction`.
+
+    `offset` in [0, 1]^2 places the shape inside its region: for an image, a few pixels of jitter in x and y; for a
+    video, where it sits across the direction of motion. The whole shape always stays inside the image.
+    """
+    unit = img_size / 32
+    d = round(_SIZE_PX[size] * unit)
+    lo, hi = d / 2 + unit, img_size - d / 2 - unit  # range of centres that keeps the shape a pixel off the border
+    if frames == 1:
+        def place(low_name, high_name, u):
+            if position == low_name:
+                return lo + 3 * unit * u
+            if position == high_name:
+                return hi - 3 * unit * u
+            return img_size / 2 + 4 * unit * (u - 0.5)
+        centres = [(place("left", "right", offset[0]), place("top", "bottom", offset[1]))]
+    else:
+        across = lo + (hi - lo) * offset[0]
+        along = np.linspace(lo, hi, frames) if direction in ("right", "down") else np.linspace(hi, lo, frames)
+        centres = [(a, across) if direction in ("left", "right") else (across, a) for a in along]
+    out = []
+    for cx, cy in centres:
+        img = Image.new("RGB", (img_size, img_size), "white")
+        x0, y0 = round(cx - d / 2), round(cy - d / 2)
+        x1, y1 = x0 + d - 1, y0 + d - 1  # PIL boxes are inclusive: d pixels across
+        draw = ImageDraw.Draw(img)
+        if shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=COLORS[color])
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=COLORS[color])
+        out.append(np.asarray(img))
+    return out[0] if frames == 1 else np.stack(out)
+
+
+def shape_caption(color: str, shape: str, size: str, position: str | None = None, direction: str | None = None,
+                  **_layout) -> str:
+    """'a small red circle left' for an image, 'a red circle moving up' for a video (the size is not named)."""
+    if direction is not None:
+        return f"a {color} {shape} moving {direction}"
+    return f"a {size} {color} {shape} {position}"
+
+
+class ShapesDataset:
+    """`size` captioned shapes images (or videos when frames > 1); sample i is a pure function of (seed, i).
+
+    A horizontal flip would swap "left" and "right" in the captions, so these samples are never flipped.
+    """
+    flippable = False
+
+    def __init__(self, size: int, img_size: int = 32, frames: int = 1, fps: int = 8, seed: int = 0):
+        self.size, self.img_size, self.frames, self.fps, self.seed = size, img_size, frames, fps, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def attributes(self, index: int) -> dict:
+        """The keyword arguments of `render_shape` (less img_size and frames) for sample `index`."""
+        rng = np.random.default_rng([self.seed, index])
+        attrs = dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES), size=rng.choice(SIZES))
+        if self.frames > 1:
+            attrs["direction"] = rng.choice(DIRECTIONS)
+        else:
+            attrs["position"] = rng.choice(POSITIONS)
+        attrs["offset"] = tuple(rng.random(2))
+        return {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
+
+    def frame_size(self, index: int) -> tuple[int, int]:
+        return self.img_size, self.img_size
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str, int]:
+        attrs = self.attributes(index)
+        pixels = render_shape(**attrs, img_size=self.img_size, frames=self.frames)
+        return pixels, shape_caption(**attrs), self.fps if self.frames > 1 else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
+
+def read_video(source: str | Path, frames: int, fps: int | None, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """`frames` frames (T, H, W, 3) of an .mp4 at `fps` (None: the source rate), and that rate.
+
+    Every (source fps / fps)-th source frame (a step of at least 1) from a random start among those that fit; a clip
+    too short for the span is padded by repeating its last frame.
+    """
+    with imageio.get_reader(source, "ffmpeg") as reader:
+        meta = reader.get_meta_data()
+        src_fps = meta["fps"]
+        step = max(1.0, src_fps / fps) if fps else 1.0
+        wanted = [round(k * step) for k in range(frames)]  # offsets from the start, strictly increasing
+        total = meta["nframes"] if math.isfinite(meta["nframes"]) else round(meta["duration"] * src_fps)
+        start = int(rng.integers(max(total - wanted[-1], 1)))
+        wanted = iter(w + start for w in wanted)
+        out, target, frame = [], next(wanted), None
+        for i, frame in enumerate(reader):
+            if i == target:
+                out.append(np.asarray(frame))
+                target = next(wanted, None)
+                if target is None:
+                    break
+    if frame is None:
+        raise ValueError("no frames")
+    out = out or [np.asarray(frame)]  # the duration overstated the length: start from the last frame there is
+    out += [out[-1]] * (frames - len(out))
+    return np.stack(out), fps or src_fps
+
+
+def decode(source, video: bool, frames: int, fps: int | None, rng: np.random.Generator, where) -> tuple:
+    """(uint8 pixels, fps) of an image (fps 0) or of `frames` video frames at `fps` (see read_video); an unreadable
+    file is a ValueError naming `where`."""
+    try:
+        if video:
+            return read_video(source, frames, fps, rng)
+        with Image.open(source) as img:
+            return np.asarray(img.convert("RGB")), 0
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{where}: not a readable {'video' if video else 'image'} ({err})") from None
+
+
+def _header_size(path: Path, video: bool) -> tuple[int, int]:
+    """(width, height) from the file's header (ffmpeg's metadata for a video)."""
+    try:
+        if video:
+            with imageio.get_reader(path, "ffmpeg") as reader:
+                return tuple(reader.get_meta_data()["size"])
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable {'video' if video else 'image'} ({err})") from None
+
+
+class FolderDataset:
+    """Captioned images (.png/.jpg/.jpeg/.webp) or, when frames > 1, .mp4 videos anywhere under `root`.
+
+    A caption comes from the sidecar `<stem>.txt` next to the file, else from `captions.jsonl` (lines
+    {"file": "relative/path.png", "caption": "..."}) or `captions.csv` (header file,caption) at the root. Every file's
+    header (ffmpeg metadata for videos) is read once here, so unreadable files fail at the start, not mid-training.
+    """
+    flippable = True
+
+    def __init__(self, root: str | Path, frames: int = 1, fps: int | None = None):
+        self.root, self.frames, self.fps = Path(root), frames, fps
+        exts = VIDEO_EXTS if frames > 1 else IMAGE_EXTS
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such folder")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+        if not self.files:
+            raise FileNotFoundError(f"{self.root}: no {'/'.join(exts)} files in this folder")
+        listed = self._caption_index()
+        self.captions = []
+        for path in self.files:
+            sidecar = path.with_suffix(".txt")
+            caption = sidecar.read_text().strip() if sidecar.is_file() else listed.get(path)
+            if caption is None:
+                raise ValueError(f"{path}: no caption (no {sidecar.name} beside it, and not in captions.jsonl/.csv "
+                                 f"under {self.root})")
+            self.captions.append(caption)
+        self.sizes = [_header_size(p, frames > 1) for p in self.files]
+
+    def _caption_index(self) -> dict[Path, str]:
+        entries = []  # (index file, file named, caption)
+        index = self.root / "captions.csv"
+        if index.is_file():
+            with open(index, newline="") as f:
+                entries += [(index, row["file"], row["caption"]) for row in csv.DictReader(f)]
+        index = self.root / "captions.jsonl"
+        if index.is_file():
+            for n, line in enumerate(index.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    entries.append((index, entry["file"], entry["caption"]))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{index}:{n}: expected {{\"file\": ..., \"caption\": ...}}") from None
+        captions = {}
+        for index, name, caption in entries:
+            path = self.root / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{index}: names {path}, which does not exist")
+            captions[path] = caption.strip()
+        return captions
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def frame_size(self, index: int) -> tuple[int, int]:
+        return self.sizes[index]
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str, int]:
+        path = self.files[index]
+        pixels, fps = decode(path, self.frames > 1, self.frames, self.fps, rng, where=path)
+        return pixels, self.captions[index], round(fps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pixels to tensors
+
+class Transform:
+    """uint8 pixels -> float [-1, 1]: center-crop to the bucket's aspect ratio, resize (antialiased), maybe flip.
+
+    With mix_aspect the size is `aspect_ratio_to_image_size(img_size, ratio, multiple)`; without it every sample is
+    a center square resized to img_size x img_size and the ratio is "1:1".
+    """
+
+    def __init__(self, img_size: int, multiple: int = 8, mix_aspect: bool = False, flip: bool = False):
+        self.img_size, self.multiple, self.mix_aspect, self.flip = img_size, multiple, mix_aspect, flip
+
+    def bucket(self, width: int, height: int) -> str:
+        return nearest_aspect_ratio(width, height) if self.mix_aspect else "1:1"
+
+    def __call__(self, pixels: np.ndarray, ratio: str, rng: np.random.Generator) -> torch.Tensor:
+        h, w = (aspect_ratio_to_image_size(self.img_size, ratio, self.multiple) if self.mix_aspect
+                else (self.img_size, self.img_size))
+        video = pixels.ndim == 4
+        frames = pixels if video else pixels[None]  # (T, H0, W0, 3)
+        out = np.stack([_crop_resize(f, h, w) for f in frames])  # (T, h, w, 3)
+        if self.flip and rng.random() < 0.5:
+            out = out[:, :, ::-1]  # the same flip for every frame of a video
+        x = torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, 3, h, w)
+        return x if video else x[0]
+
+
+def _crop_resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The largest centered crop of aspect w/h, resized to (h, w); PIL filters with a wider support when shrinking."""
+    H, W = frame.shape[:2]
+    if (H, W) == (h, w):
+        return frame
+    cw, ch = min(W, H * w / h), min(H, W * h / w)
+    box = ((W - cw) / 2, (H - ch) / 2, (W + cw) / 2, (H + ch) / 2)
+    return np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC, box=box))
+
+
+def _collate(items: list) -> tuple[torch.Tensor, list[str], dict]:
+    """[(x, caption, fps, index, ratio)] -> (x (B, ...), captions, meta); a batch holds one ratio."""
+    x, captions, fps, index, ratios = zip(*items)
+    return torch.stack(x), list(captions), {"fps": torch.tensor(fps, dtype=torch.long), "aspect_ratio": ratios[0],
+                                            "index": torch.tensor(index, dtype=torch.long)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Map-style sources: exact resume
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """This rank's slice of each global batch; every global batch holds one aspect-ratio bucket.
+
+    Each epoch shuffles all indices from (seed, epoch) and deals them into their buckets in that order; a bucket
+    that fills becomes the next global batch and the leftovers are dropped, so every rank walks the same sequence of
+    buckets and the epoch length does not depend on the shuffle. Rank r takes items [r*b, (r+1)*b) of each global
+    batch. The batches are lists of keys (index, epoch, ratio): everything a worker needs to make the sample.
+    Setting `start` skips that many batches of the epoch without touching the data.
+    """
+
+    def __init__(self, buckets: list[str], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.buckets, self.batch_size, self.seed = buckets, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = self.start = 0
+
+    def __len__(self) -> int:
+        return sum(n // (self.batch_size * self.world_size) for n in Counter(self.buckets).values())
+
+    def global_batches(self, epoch: int):
+        pending, size = defaultdict(list), self.batch_size * self.world_size
+        for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.buckets)).tolist():
+            batch = pending[self.buckets[i]]
+            batch.append(i)
+            if len(batch) == size:
+                yield pending.pop(self.buckets[i])
+
+    def __iter__(self):
+        b = self.batch_size
+        for batch in itertools.islice(self.global_batches(self.epoch), self.start, None):
+            ratio = self.buckets[batch[0]]
+            yield [(i, self.epoch, ratio) for i in batch[self.rank * b:(self.rank + 1) * b]]
+
+
+class _Samples(torch.utils.data.Dataset):
+    """A map-style source behind the batch sampler: key (index, epoch, ratio) -> (x, caption, fps, index, ratio).
+
+    The random augmentations (flip, video start) draw from (seed, epoch, index) alone, so a sample comes out the
+    same in any worker and after a resume.
+    """
+
+    def __init__(self, source, transform: Transform, seed: int):
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __getitem__(self, key):
+        index, epoch, ratio = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        pixels, caption, fps = self.source.load(index, rng)
+        return self.transform(pixels, ratio, rng), caption, fps, index, ratio
+
+
+class Loader:
+    """Epochs of batches (x, captions, meta) for one rank, with a position that survives a restart.
+
+    Iterating yields the rest of the current epoch, then moves on to the next one; a loop left early continues from
+    where it stopped. `set_epoch(e)` starts epoch e from its first batch (a no-op when e is the current epoch, so a
+    loaded position survives the trainer's usual set_epoch call). `state_dict()` is {"epoch", "batches": batches
+    already yielded in that epoch}; a new loader given it by `load_state_dict` yields exactly the remaining batches.
+    Map-style sources (shapes, folder) skip at the sampler and decode nothing that is skipped; tar shards are
+    re-read from the epoch's start and the skipped batches decoded and dropped, which reproduces the same batches
+    only when the shards and worker count are unchanged.
+    """
+
+    def __init__(self, batches_per_epoch: int, epoch_batches):
+        self.batches_per_epoch, self.epoch_batches = batches_per_epoch, epoch_batches
+        self.epoch = self.position = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.position = int(state["epoch"]), int(state["batches"])
+
+    def __iter__(self):
+        epoch = self.epoch
+        for batch in self.epoch_batches(epoch, self.position):
+            self.position += 1
+            yield batch
+        self.epoch, self.position = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tar shards: a stream
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless one-bucket batches from tar shards: members <key>.png|jpg|jpeg|webp (or <key>.mp4 for video) with
+    <key>.txt or <key>.json ({"caption": ...}).
+
+    The caller gives each rank its own shards; each DataLoader worker takes every num_workers-th of them and buckets
+    its own samples, emitting a batch when a bucket fills. Shard order and a small sample buffer are shuffled from
+    (seed, epoch, worker, pass). Ranks may be at different ratios at the same step; the model does not mind.
+    """
+    buffer = 200  # samples held for shuffling, as raw bytes
+
+    def __init__(self, shards: list[str], batch_size: int, transform: Transform, frames: int, fps: int | None,
+                 seed: int, epoch: int):
+        self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.frames, self.fps, self.seed, self.epoch = frames, fps, seed, epoch
+
+    def _decode(self, sample: dict) -> tuple:
+        where = f"{sample['__url__']}: sample {sample['__key__']}"
+        exts = VIDEO_EXTS if self.frames > 1 else IMAGE_EXTS
+        media = next((e[1:] for e in exts if e[1:] in sample), None)
+        if media is None:
+            raise ValueError(f"{where}: no {'/'.join(exts)} member")
+        caption = json.loads(sample["json"]).get("caption") if "json" in sample else None
+        caption = sample["txt"].decode() if "txt" in sample else caption
+        if caption is None:
+            raise ValueError(f"{where}: no caption (.txt, or .json with a \"caption\" field)")
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(where.encode())])
+        if self.frames > 1:
+            with tempfile.NamedTemporaryFile(suffix=".mp4") as f:  # ffmpeg reads files, not bytes
+                f.write(sample[media])
+                f.flush()
+                pixels, fps = decode(f.name, True, self.frames, self.fps, rng, where)
+        else:
+            pixels, fps = decode(io.BytesIO(sample[media]), False, 1, None, rng, where)
+        ratio = self.transform.bucket(pixels.shape[-2], pixels.shape[-3])
+        return self.transform(pixels, ratio, rng), caption.strip(), round(fps), -1, ratio
+
+    def __iter__(self):
+        import webdataset as wds  # imported here: it takes a second, and only this source needs it
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shards = self.shards[worker::workers]
+        if not shards:  # more workers than this rank's shards
+            return
+        pending = defaultdict(list)
+        for rnd in itertools.count():
+            order = np.random.default_rng([self.seed, self.epoch, worker, rnd]).permutation(len(shards))
+            samples = wds.tarfile_to_samples()([{"url": shards[j]} for j in order])
+            rng = random.Random(f"{self.seed}/{self.epoch}/{worker}/{rnd}")
+            samples = wds.shuffle(self.buffer, self.buffer // 2, rng=rng)(samples)
+            seen = False
+            for sample in samples:
+                seen = True
+                item = self._decode(sample)
+                pending[item[-1]].append(item)
+                if len(pending[item[-1]]) == self.batch_size:
+                    yield _collate(pending.pop(item[-1]))
+            if not seen:
+                raise ValueError(f"no samples in shards {', '.join(shards)}")
+
+
+def shard_list(data: str | Path) -> list[str]:
+    """The .tar files in a folder, or those a brace pattern such as shard-{000000..000003}.tar names."""
+    import braceexpand  # a webdataset dependency
+
+    path = Path(data)
+    shards = sorted(map(str, path.rglob("*.tar"))) if path.is_dir() else list(braceexpand.braceexpand(str(data)))
+    missing = [s for s in shards if not Path(s).is_file()]
+    if not shards or missing:
+        raise FileNotFoundError(f"--data {data}: " + (f"shard {missing[0]} does not exist" if missing
+                                                      else "no .tar shards in this folder"))
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_loader(args, rank: int = 0, world_size: int = 1, multiple: int = 8, num_workers: int = 0) -> Loader:
+    """The training batches of rank `rank` for `args.dataset` (shapes, folder or webdataset).
+
+    `args.batch_size` is the global batch; each rank gets batch_size / world_size. An epoch is one pass over a
+    folder, `args.epoch_length` shapes, or `args.epoch_length` samples' worth of batches from the shard stream.
+    `multiple` is what both sides of a bucket's size must divide by (the VAE's downsampling times the patch size).
+    """
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch_size {args.batch_size} is not divisible by the {world_size} ranks")
+    batch_size, seed = args.batch_size // world_size, args.train_seed or 0
+    frames, fps = parse_vid_size(args.vid_size)
+    transform = Transform(args.img_size, multiple, bool(args.mix_aspect), flip=not args.no_flip)
+
+    if args.dataset == "webdataset":
+        shards, steps = shard_list(args.data)[rank::world_size], args.epoch_length // args.batch_size
+        if not shards:
+            raise ValueError(f"--data {args.data}: fewer shards than the {world_size} ranks")
+        if not steps:
+            raise ValueError(f"--epoch_length {args.epoch_length} is less than one global batch ({args.batch_size})")
+
+        def stream_batches(epoch, start):
+            stream = ShardStream(shards, batch_size, transform, frames, fps, seed, epoch)
+            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                                 collate_fn=_identity)
+            return itertools.islice(loader, start, steps)
+
+        return Loader(steps, stream_batches)
+
+    if args.dataset == "shapes":
+        source = ShapesDataset(args.epoch_length, args.img_size, frames, fps or 8)
+    elif args.dataset == "folder":
+        source = FolderDataset(args.data, frames, fps)
+    else:
+        raise ValueError(f"--dataset {args.dataset!r}: expected shapes, folder or webdataset")
+    transform.flip = transform.flip and source.flippable
+    buckets = [transform.bucket(*source.frame_size(i)) for i in range(len(source))]
+    sampler = BucketBatchSampler(buckets, batch_size, rank, world_size, seed)
+    if not len(sampler):
+        raise ValueError(f"{len(source)} samples do not fill one global batch of {args.batch_size}"
+                         + (" in any aspect-ratio bucket" if args.mix_aspect else ""))
+    loader = torch.utils.data.DataLoader(_Samples(source, transform, seed), batch_sampler=sampler,
+                                         num_workers=num_workers, collate_fn=_collate,
+                                         persistent_workers=num_workers > 0)
+
+    def epoch_batches(epoch, start):
+        sampler.epoch, sampler.start = epoch, start  # read when the DataLoader starts iterating its batch sampler
+        return iter(loader)
+
+    return Loader(len(sampler), epoch_batches)
+
+
+def _identity(batch):
+    """The stream batches itself; a module-level function so that DataLoader workers can pickle it."""
+    return batch

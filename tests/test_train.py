@@ -1,0 +1,171 @@
+"""Training that trains: a step changes the weights, a skipped step changes nothing, the loss goes down, a resumed
+run repeats the uninterrupted one exactly, torchrun + FSDP2 trains and resumes, and bad input is one line."""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from utils.config import build_parser, parse_config
+from utils.text import minilm_path
+from utils.training import learning_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "shapes", "--img_size", "16", "--channel_size", "3", "--patch_size", "2", "--channels", "32",
+        "--head_dim", "32", "--layers_per_block", "1", "1", "--sos", "1", "--rope", "1", "--seq_order", "L2R",
+        "--use_softplus", "1", "--cond_top_only", "1", "--use_final_norm", "1", "--soft_clip", "4",
+        "--text", str(minilm_path()), "--txt_size", "8", "--noise_std", "0.1", "--drop_label", "0.1",
+        "--batch_size", "4", "--epoch_length", "24", "--lr", "1e-3", "--warmup_steps", "2", "--sample_freq", "0",
+        "--num_workers", "0", "--log_every", "100", "--train_seed", "3", "--ema_decay", "0.9"]
+
+
+def run(*argv, env=None, timeout=600):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def metrics(logdir) -> list[dict]:
+    return [json.loads(line) for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_schedule():
+    lrs = [learning_rate(s, 1e-3, 1e-5, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-6 + (1e-3 - 1e-6) / 10) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 1e-5
+    assert learning_rate(110, 1e-3, 1e-5, 10, 110) == pytest.approx(1e-5)
+
+
+def build_step(tmp_path, *extra):
+    """The pieces of main() for in-process tests of one optimizer step."""
+    from dataset import build_loader
+    from utils.model_setup import setup_transformer
+    from utils.text import setup_encoder
+    from utils.training import EMA, Processes
+
+    args = parse_config(build_parser(*train.GROUPS), TINY + ["--logdir", str(tmp_path), *extra])
+    procs, text = Processes(), setup_encoder(args.text)
+    torch.manual_seed(0)
+    model = setup_transformer(args, text[1].config.hidden_size, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    step = train.Step(args, model, model, None, text, (opt, None), EMA(model, 0.9), procs, "fp32")
+    loader = build_loader(args, 0, 1, 2, 0)
+    loader.set_epoch(0)
+    return step, model, opt, next(iter(loader))
+
+
+def snapshot(model, opt):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {k: {n: t.clone() for n, t in s.items() if torch.is_tensor(t)} for k, s in opt.state.items()})
+
+
+def test_a_step_changes_the_weights_and_a_skipped_step_changes_nothing(tmp_path):
+    step, model, opt, batch = build_step(tmp_path)
+    before, _ = snapshot(model, opt)
+    out = step([batch], 0, 2, 10)
+    assert out["skipped"] == 0 and math.isfinite(out["loss"])
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+    weights, state = snapshot(model, opt)
+    ema = {k: v.clone() for k, v in step.ema.params.items()}
+    x, captions, meta = batch
+    out = step([(x * float("nan"), captions, meta)], 1, 2, 10)  # a non-finite loss
+    assert out["skipped"] == 1
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(t, state[p][n]) for p, s in opt.state.items() for n, t in s.items() if torch.is_tensor(t))
+    assert all(torch.equal(v, ema[k]) for k, v in step.ema.params.items())
+    step.args.grad_skip, step.args.grad_clip = 1, 1e-9  # a gradient-norm spike, once past the first 100 steps
+    assert step([batch], 200, 2, 10)["skipped"] == 1
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_learnable_denoiser_trains_with_its_own_optimizer(tmp_path):
+    from utils.training import EMA, Processes
+
+    step, model, opt, batch = build_step(tmp_path, "--learnable_self_denoiser", "1", "--conditional_denoiser", "1")
+    den = model.learnable_self_denoiser
+    opt_d = torch.optim.AdamW(den.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("learnable")], lr=1e-3)
+    step = train.Step(step.args, model, model, None, step.text, (opt, opt_d), EMA(model, 0.9), Processes(), "fp32")
+    before = den.proj_out.weight.clone()
+    out = step([batch], 0, 2, 10)
+    assert out["loss_denoiser"] > 0 and not torch.equal(den.proj_out.weight, before)
+
+
+def test_loss_goes_down_and_outputs_are_written(tmp_path):
+    out = run("train.py", *TINY, "--logdir", str(tmp_path), "--max_steps", "30", "--epoch_length", "40",
+              "--sample_freq", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [m["loss"] for m in metrics(tmp_path)]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+    assert (tmp_path / "model.safetensors").is_file() and list((tmp_path / "samples").glob("step-*.png"))
+    assert "starting a new run" in out.stdout and "checkpoint:" in out.stdout
+
+
+def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
+    """Stop after 3 steps (the step-3 checkpoint is what a stopped run leaves) and resume: steps 4-6 equal."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    out = run("train.py", *TINY, "--logdir", str(full), "--max_steps", "6", "--save_every_steps", "3",
+              "--keep_checkpoints", "0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    stop = full / "checkpoints" / "step-00000003"
+    out = run("train.py", *TINY, "--logdir", str(resumed), "--max_steps", "6", "--resume_path", str(stop))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resuming from {stop} at step 3" in out.stdout
+    expected, got = metrics(full)[3:], metrics(resumed)
+    assert [m["step"] for m in got] == [4, 5, 6]
+    for a, b in zip(expected, got):
+        for key in ("loss", "loss_z", "loss_logdet", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+
+
+def test_torchrun_fsdp_trains_writes_a_checkpoint_and_resumes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv = [*TINY, "--logdir", str(tmp_path), "--fsdp", "1", "--max_steps", "2", "--batch_size", "4"]
+    first = run(*torchrun[1:], "train.py", *argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "step-00000002" / "extra-rank00001.pt").is_file()
+    second = run(*torchrun[1:], "train.py", *argv[:-4], "--max_steps", "3", "--batch_size", "4")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout and "at step 2" in second.stdout
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
+    corrupt = tmp_path / "step-00000005"
+    corrupt.mkdir()
+    (corrupt / ".metadata").write_bytes(b"not a checkpoint")
+    (corrupt / "extra-rank00000.pt").write_bytes(b"garbage")
+    before = digest(corrupt / ".metadata")
+    unknown = tmp_path / "bad.yaml"
+    unknown.write_text("arguments:\n- channels: 32\n- colours: 3\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    from PIL import Image
+    Image.new("RGB", (16, 16), "white").save(lonely / "a.png")
+    cases = [
+        (["--resume_path", str(tmp_path / "missing")], "missing"),
+        (["--resume_path", str(corrupt)], str(corrupt)),
+        (["--model_config_path", str(unknown)], "colours"),
+        (["--dataset", "folder", "--data", str(empty)], str(empty)),
+        (["--dataset", "folder", "--data", str(lonely)], "a.png"),
+    ]
+    for extra, name in cases:
+        out = run("train.py", *TINY, "--logdir", str(tmp_path / "run"), "--max_steps", "1", *extra)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-1500:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and name in errors[0], out.stderr[-1500:]
+    assert digest(corrupt / ".metadata") == before

@@ -1,0 +1,305 @@
+"""Train a STARFlow (text-to-image) or STARFlow-V (text-to-video) model.
+
+    python train.py --model_config_path configs/X.yaml [flags]                          # one process, CPU or GPU
+    torchrun --nproc_per_node N train.py --model_config_path configs/X.yaml [--fsdp 1]  # several processes
+
+Data comes from --dataset shapes | folder | webdataset (dataset.py).  Outputs in --logdir: checkpoints/step-<N>
+(a run continues from the newest one there, or from --resume_path), model.safetensors (EMA weights and the model
+configuration, for sample.py), samples/, and metrics.jsonl with one line per optimizer step.
+"""
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import build_loader
+from transformer_flow import bits_per_dim
+from utils.config import (ConfigError, add_data_args, add_model_args, add_sampling_args, add_training_args,
+                          build_parser, parse_config, run_cli)
+from utils.media import save_image, save_video
+from utils.model_setup import setup_transformer
+from utils.text import encode_text, setup_encoder
+from utils.training import (EMA, export_weights, init_processes, latest_checkpoint, learning_rate, load_checkpoint,
+                            parallelize, save_checkpoint, unwrap)
+from utils.vae import setup_vae
+
+
+def add_run_args(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute precision (auto: bf16 on GPU, fp32 on CPU); fp16 uses loss scaling")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: --epochs)")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the weights (0: none)")
+    g.add_argument("--denoiser_lr", type=float, default=1e-4, help="learning rate of the learnable self-denoiser")
+    g.add_argument("--save_every_steps", type=int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    g.add_argument("--log_every", type=int, default=10, help="print one line of metrics every N steps")
+    g.add_argument("--num_workers", type=int, default=2, help="data-loading processes per rank")
+    g.add_argument("--wandb", type=int, default=0, help="log to Weights & Biases (WANDB_MODE=offline works)")
+
+
+GROUPS = (add_model_args, add_data_args, add_training_args, add_sampling_args, add_run_args)
+
+
+class Step:
+    """One optimizer step of the official training objective over `acc` micro-batches."""
+
+    def __init__(self, args, net, model, vae, text, optimizers, ema, procs, precision):
+        self.args, self.net, self.model, self.vae, self.text = args, net, model, vae, text
+        self.opt, self.opt_denoiser = optimizers
+        self.ema, self.procs = ema, procs
+        self.autocast = dict(device_type=procs.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}
+                             .get(precision, torch.float32), enabled=precision != "fp32")
+        self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and args.loss_scaling)
+        self.generator = torch.Generator(procs.device).manual_seed((args.train_seed or 0) * 1000 + procs.rank)
+        self.flow_params = [p for n, p in model.named_parameters() if not n.startswith("learnable_self_denoiser")]
+
+    @torch.no_grad()
+    def inputs(self, x, captions, meta):
+        """Pixels -> noisy latents (the flow's x) and text embeddings, as in the official training step."""
+        args, device = self.args, self.procs.device
+        x = x.to(device)
+        latents = self.vae.encode(x) if self.vae is not None else x
+        rand = lambda *shape: torch.rand(*shape, generator=self.generator, device=device)
+        if args.noise_type == "gaussian":
+            latents = latents + args.noise_std * torch.randn(latents.shape, generator=self.generator, device=device)
+        else:  # dequantisation noise of 8-bit pixels
+            latents = ((latents + 1) * 127.5 + rand(*latents.shape)) / 256 * 2 - 1
+        if latents.dim() == 5 and args.drop_image > 0 and rand(1).item() < args.drop_image:
+            latents, captions = latents[:, 1:], [f"(extend) {c}" for c in captions]  # learn to extend a clip
+        captions = ["" if r < args.drop_label else c for c, r in zip(captions, rand(len(captions)).tolist())]
+        y = None
+        if self.text is not None:
+            tokenizer, encoder = self.text
+            y = encode_text(encoder, tokenizer, captions, args.txt_size, device,
+                            aspect_ratio=meta["aspect_ratio"] if args.mix_aspect else None,
+                            fps=meta["fps"] if args.fps_cond else None,
+                            noise_std=args.noise_std if args.cond_noise_level else None)
+        return latents.requires_grad_(self.opt_denoiser is not None), y
+
+    def micro_step(self, batch, last: bool) -> dict:
+        args, acc = self.args, self.args.acc
+        latents, y = self.inputs(*batch)
+        sync = nullcontext() if last or self.procs.world_size == 1 else _no_sync(self.net)
+        with sync:
+            with torch.autocast(**self.autocast):
+                z, _, outputs, logdets = self.net(latents, y)
+                out = self.model.get_loss(z, logdets, args.noise_std / 0.3 if args.cond_noise_level else None)
+                loss = out["loss"]
+                if args.latent_norm_regularization > 0:  # keep intermediate latents small (outputs[0] is the input)
+                    loss = loss + args.latent_norm_regularization * sum(o.float().pow(2).mean() for o in outputs[:-1])
+            out = {"loss": loss.detach(), "loss_z": out["loss_z"], "loss_logdet": out["loss_logdet"]}
+            if self.procs.all_min(float(torch.isfinite(loss))) == 0:  # agreed before backward: no rank waits
+                return {**out, "finite": 0.0}
+            self.scaler.scale(loss / acc).backward()
+            if self.opt_denoiser is not None:
+                # The denoiser regresses the score of the noisy latents, scaled to about unit variance:
+                # noise_std * d(NLL)/dx per sample (the loss is a mean over batch and dimensions).
+                score = latents.grad * latents.numel() * acc * args.noise_std / self.scaler.get_scale()
+                with torch.autocast(**self.autocast):
+                    pred = self.net(latents.detach(), y, denoise=True) if _is_ddp(self.net) else \
+                        self.model.denoise(latents.detach(), y)
+                    loss_denoiser = F.mse_loss(pred.float(), score)
+                self.scaler.scale(loss_denoiser / acc).backward()
+                out["loss_denoiser"] = loss_denoiser.detach()
+        return {**out, "finite": 1.0}
+
+    def __call__(self, batches, step: int, warmup: int, total: int) -> dict:
+        args = self.args
+        lr = learning_rate(step, args.lr, args.min_lr, warmup, total)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.opt_denoiser is not None:
+            for group in self.opt_denoiser.param_groups:
+                group["lr"] = learning_rate(step, args.denoiser_lr, 1e-6, warmup, total)
+        parts = [self.micro_step(b, i == len(batches) - 1) for i, b in enumerate(batches)]
+        metrics = {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
+        finite = metrics.pop("finite") == 1.0  # a non-finite loss on any rank skips the step on all
+        optimizers = [o for o in (self.opt, self.opt_denoiser) if o is not None]
+        if finite and self.scaler.is_enabled():
+            for opt in optimizers:
+                self.scaler.unscale_(opt)
+        norm = _grad_norm(self.flow_params, args.grad_clip) if finite else float("nan")
+        spike = args.grad_skip and args.grad_clip > 0 and step > 100 and norm > args.grad_clip
+        skipped = not finite or spike or not torch.isfinite(torch.tensor(norm))
+        if not skipped:  # a skipped step changes no weight and no optimizer state
+            for opt in optimizers:
+                self.scaler.step(opt)
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return {**metrics, "bits_per_dim": bits_per_dim(metrics["loss"]), "lr": lr, "grad_norm": norm,
+                "skipped": int(skipped)}
+
+
+def _is_ddp(net):
+    return isinstance(net, torch.nn.parallel.DistributedDataParallel)
+
+
+def _no_sync(net):
+    """Gradient accumulation without communication until the last micro-batch (DDP or FSDP2)."""
+    if _is_ddp(net):
+        return net.no_sync()
+    net.set_requires_gradient_sync(False)
+    return _RestoreSync(net)
+
+
+class _RestoreSync:
+    def __init__(self, net):
+        self.net = net
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.net.set_requires_gradient_sync(True)
+
+
+def _grad_norm(params, clip: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+@torch.no_grad()
+def sample_grid(args, model, vae, text, batch, procs, step: int):
+    """Generate from the captions of a training batch (any batch size) and save a grid to <logdir>/samples."""
+    x, captions, meta = batch
+    n = min(len(captions), 8)
+    model.eval()
+    shape = (vae.encode(x[:1].to(procs.device)) if vae is not None else x[:1]).shape[1:]
+    noise = torch.randn(n, *shape, device=procs.device)
+    y, cfg = None, args.cfg if text is not None else 0.0
+    if text is not None:
+        wrap = dict(aspect_ratio=meta["aspect_ratio"] if args.mix_aspect else None,
+                    fps=meta["fps"][:1].expand(2 * n) if args.fps_cond else None,
+                    noise_std=args.noise_std if args.cond_noise_level else None)
+        tokenizer, encoder = text
+        y = encode_text(encoder, tokenizer, list(captions[:n]) + [""] * n if cfg > 0 else list(captions[:n]),
+                        args.txt_size, procs.device, **wrap)
+        y = y if cfg > 0 else y[:n]
+    latents = model.reverse(noise, y, guidance=cfg, agree=lambda k: int(procs.all_min(k)),
+                            context_length=args.local_attn_window and args.local_attn_window - 1)
+    pixels = vae.decode(latents) if vae is not None else latents
+    model.train()
+    if procs.main:
+        out = Path(args.logdir) / "samples" / f"step-{step:08d}"
+        path = save_video(pixels, out.with_suffix(".mp4"), int(meta["fps"][0]) or 8) if pixels.dim() == 5 \
+            else save_image(pixels, out.with_suffix(".png"))
+        (out.parent / f"{out.name}.txt").write_text("\n".join(captions[:n]) + "\n")
+        print(f"samples: {path}")
+
+
+def main(argv=None):
+    parser = build_parser(*GROUPS, description=__doc__)
+    args = parse_config(parser, argv)
+    procs = init_processes(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if procs.device.type == "cuda" else "fp32")
+    logdir = Path(args.logdir)
+    torch.manual_seed(args.train_seed or 0)  # the same initial weights on every rank
+
+    text = setup_encoder(args.text, procs.device) if args.text else None
+    vae = setup_vae(args.vae, args.finetuned_vae, procs.device) if args.vae else None
+    channels = vae.latent_channels if vae is not None else 3
+    if args.channel_size != channels:
+        raise ConfigError(f"--channel_size {args.channel_size} does not match the "
+                          f"{'VAE' if vae else 'pixels (no --vae)'}: {channels} channels")
+    factor = vae.downsample_factor if vae is not None else 1
+    model = setup_transformer(args, text[1].config.hidden_size if text else 0, factor).to(procs.device)
+    loader = build_loader(args, procs.rank, procs.world_size, factor * args.patch_size, args.num_workers)
+    net = parallelize(model, procs, bool(args.fsdp), bf16=precision == "bf16")
+    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("learnable_self_denoiser")],
+                            lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    opt_denoiser = torch.optim.AdamW(model.learnable_self_denoiser.parameters(), lr=args.denoiser_lr,
+                                     weight_decay=1e-4) if args.learnable_self_denoiser else None
+    optimizers = [o for o in (opt, opt_denoiser) if o is not None]
+    step_fn = Step(args, net, model, vae, text, (opt, opt_denoiser), ema, procs, precision)
+
+    steps_per_epoch = len(loader) // args.acc
+    if steps_per_epoch == 0:
+        raise ConfigError(f"an epoch holds {len(loader)} batches per process, fewer than --acc {args.acc}")
+    total = args.max_steps or args.epochs * steps_per_epoch
+    warmup = args.warmup_steps if args.warmup_steps is not None else steps_per_epoch
+    step, epoch = 0, 0
+    resume = Path(args.resume_path) if args.resume_path else latest_checkpoint(logdir / "checkpoints")
+    if resume is not None:
+        extra = load_checkpoint(resume, net, optimizers, ema, procs)
+        step, epoch = extra["step"], extra["epoch"]
+        torch.set_rng_state(extra["rng"]["torch"])
+        step_fn.generator.set_state(extra["rng"]["generator"])
+        if extra["rng"].get("cuda") is not None and procs.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["rng"]["cuda"], procs.device)
+        loader.load_state_dict(extra["loader"])
+        if procs.main:
+            print(f"resuming from {resume} at step {step} (epoch {epoch})")
+    else:
+        loader.set_epoch(0)
+        if procs.main:
+            print(f"starting a new run in {logdir} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+                  f"{procs.world_size} process(es), {procs.device}, {precision})")
+
+    wandb_run = None
+    if args.wandb and procs.main:
+        import wandb
+        wandb_run = wandb.init(project="starflow", name=args.wandb_name, config=vars(args), dir=str(logdir))
+
+    def checkpoint():
+        extra = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "args": vars(args),
+                 "rng": {"torch": torch.get_rng_state(), "generator": step_fn.generator.get_state(),
+                         "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}}
+        path = save_checkpoint(logdir / "checkpoints", step, net, optimizers, ema, extra, procs, args.keep_checkpoints)
+        export_weights(net, logdir / "model.safetensors", procs, ema)
+        if procs.main:
+            print(f"checkpoint: {path}; weights for sampling: {logdir / 'model.safetensors'}")
+
+    bar = tqdm(total=1 if args.dry_run else total, initial=step, disable=not procs.main, desc="training",
+               dynamic_ncols=True)
+    logdir.mkdir(parents=True, exist_ok=True)
+    metrics_file = (logdir / "metrics.jsonl").open("a") if procs.main and not args.dry_run else None
+    done, start_time, batch = step >= total, time.perf_counter(), None
+    while not done and epoch < args.epochs:
+        micro = []
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) < args.acc:
+                continue
+            metrics = step_fn(micro, step, warmup, total)
+            micro, step = [], step + 1
+            metrics["samples_per_s"] = args.batch_size / max(time.perf_counter() - start_time, 1e-9)
+            start_time = time.perf_counter()
+            bar.update(1)
+            if metrics_file:
+                metrics_file.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
+                metrics_file.flush()
+            if wandb_run:
+                wandb_run.log(metrics, step=step)
+            if procs.main and (step % args.log_every == 0 or step == 1):
+                bar.write(f"step {step} epoch {epoch} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            done = step >= total or args.dry_run
+            if args.save_every_steps and step % args.save_every_steps == 0 and not args.dry_run:
+                checkpoint()
+            if done:
+                break
+        if not done:
+            epoch += 1
+            loader.set_epoch(epoch)
+        if args.dry_run or (args.sample_freq and (done or epoch % args.sample_freq == 0)):
+            sample_grid(args, unwrap(net), vae, text, batch, procs, step)
+        if not args.dry_run and (done or epoch % args.save_every == 0):
+            checkpoint()
+    bar.close()
+    if wandb_run:
+        wandb_run.finish()
+    if procs.main:
+        print(f"done at step {step}: outputs in {logdir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,240 @@
+"""Training machinery: processes, parallelism (applied from outside the model), schedule, EMA and checkpoints.
+
+Checkpoints are torch.distributed.checkpoint (DCP) folders `<logdir>/checkpoints/step-<N>`, written to
+`step-<N>.tmp` and renamed once every rank has finished, so a folder without `.tmp` is always complete; the newest
+`keep` are kept.  They hold everything a run needs to continue exactly: model, EMA, optimizers, step, epoch, data
+position and every random state.  `export_weights` writes a consolidated single-file safetensors (our parameter
+names are the official ones) with the model configuration in its metadata, for sampling.
+"""
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from transformer_flow import AttentionBlock, MetaBlock, Model, NonCausalBlock
+
+
+# ---- processes ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Processes:
+    """This process's place among the ones torchrun started (or the only one)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_min(self, value: float) -> float:
+        """The minimum of a number over all processes."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t.item()
+
+
+def init_processes(device: str | None = None) -> Processes:
+    """Join torchrun's process group if launched by torchrun (gloo on CPU, NCCL on CUDA), else run alone."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return Processes(device=device)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Processes(rank, local_rank, world, device)
+
+
+# ---- parallelism --------------------------------------------------------------------------------------------------
+def parallelize(model: Model, procs: Processes, fsdp: bool, bf16: bool) -> torch.nn.Module:
+    """With several processes, shard the model with FSDP2 (each transformer layer, then each flow block and the
+    denoiser, then the root), or wrap it in DDP without FSDP; one process trains the bare model.  bf16 parameters in compute with fp32 master weights and
+    gradient reduction when `bf16`.  Returns what the training step calls (the model itself under FSDP)."""
+    if fsdp and procs.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(procs.device.type, (procs.world_size,))
+        # Inputs stay as they are: the rotary tables must not be rounded to bf16 (autocast handles the matmuls).
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
+        for kind in (AttentionBlock, MetaBlock, NonCausalBlock):
+            for module in list(model.modules()):
+                if isinstance(module, kind):
+                    fully_shard(module, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        for module in [model] + [b for b in model.blocks if isinstance(b, MetaBlock)]:
+            register_fsdp_forward_method(module, "reverse")  # sampling calls reverse, not forward
+        register_fsdp_forward_method(model, "denoise")
+        return model
+    if procs.world_size > 1:
+        return torch.nn.parallel.DistributedDataParallel(Objective(model), find_unused_parameters=True)
+    return model
+
+
+class Objective(torch.nn.Module):
+    """DDP wraps this so that both of the model's training calls, the flow (`forward`) and the learnable denoiser
+    (`denoise`), pass through DDP's forward and get their gradients averaged."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, denoise: bool = False):
+        return self.model.denoise(*args) if denoise else self.model(*args)
+
+
+def unwrap(model: torch.nn.Module) -> Model:
+    return model.module.model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ---- schedule and EMA ---------------------------------------------------------------------------------------------
+def learning_rate(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up from min(min_lr, 1e-6) to lr over `warmup` steps, then cosine decay to min_lr at `total`."""
+    if step < warmup:
+        start = min(min_lr, 1e-6)
+        return start + (step + 1) / warmup * (lr - start)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class EMA:
+    """Exponential moving average of the model's parameters (sharded like them under FSDP)."""
+
+    def __init__(self, model: Model, decay: float):
+        self.decay = decay
+        self.params = {k: p.detach().clone().float() for k, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: Model):
+        for k, p in model.named_parameters():
+            self.params[k].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self):
+        return self.params
+
+    @torch.no_grad()
+    def copy_to(self, model: Model):
+        for k, p in model.named_parameters():
+            p.copy_(self.params[k])
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist or cannot be read: reported as one line."""
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in a folder (`step-<N>`, not `.tmp`)."""
+    found = [p for p in folder.glob("step-*") if p.is_dir() and checkpoint_step(p) is not None] if folder.is_dir() \
+        else []
+    return max(found, key=checkpoint_step) if found else None
+
+
+def train_state(model, optimizers, ema: EMA | None) -> dict:
+    """The distributed part of a checkpoint, in the form DCP saves and loads in place (names as in the bare model,
+    whatever wraps it, so checkpoints move between single-process, DDP and FSDP runs)."""
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizers)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizers, ema, extra: dict, procs: Processes, keep: int = 3):
+    """Write step-<step> atomically; `extra` (step, data position, random states) is saved per rank.  Older
+    checkpoints beyond the newest `keep` (0: keep all) and leftovers of interrupted saves are removed."""
+    final, tmp = folder / f"step-{step:08d}", folder / f"step-{step:08d}.tmp"
+    if procs.main:
+        for leftover in folder.glob("step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    procs.barrier()
+    with _quiet_dcp():
+        dcp.save(train_state(model, optimizers, ema), checkpoint_id=str(tmp))
+    torch.save(extra, tmp / f"extra-rank{procs.rank:05d}.pt")
+    procs.barrier()
+    if procs.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted((p for p in folder.glob("step-*") if checkpoint_step(p) is not None), key=checkpoint_step)
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+    procs.barrier()
+    return final
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """DCP logs the tracebacks of errors it then raises, and warns about single-process use: keep both to ourselves."""
+    logger = logging.getLogger("torch.distributed.checkpoint")
+    level, logger.level = logger.level, logging.CRITICAL
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_checkpoint(path: Path, model, optimizers, ema, procs: Processes) -> dict:
+    """Load a checkpoint written by save_checkpoint in place; returns this rank's `extra`.  Everything is read and
+    checked before the model is touched; a bad checkpoint is one CheckpointError naming it."""
+    path = Path(path)
+    extra_file = path / f"extra-rank{procs.rank:05d}.pt"
+    if not path.is_dir() or not (path / ".metadata").is_file():
+        raise CheckpointError(f"--resume_path {path}: not a checkpoint folder (expected step-<N> with .metadata)")
+    if not extra_file.is_file():
+        raise CheckpointError(f"{path}: written by a run with another number of processes (no {extra_file.name})")
+    try:
+        dcp.FileSystemReader(str(path)).read_metadata()
+        extra = torch.load(extra_file, map_location="cpu", weights_only=False)
+        state = train_state(model, optimizers, ema)
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # truncated or foreign files: the path is what the user needs
+        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    set_state_dict(unwrap(model), optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return extra
+
+
+def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None):
+    """Consolidated weights (the EMA's if given) as one safetensors file with the configuration in its metadata;
+    every rank takes part in gathering sharded tensors, rank 0 writes (atomically)."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    tensors = ema.params if ema is not None else unwrap(model).state_dict()
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+            for k, v in tensors.items()}
+    if procs.main:
+        config = json.dumps(dataclasses.asdict(unwrap(model).config))
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(full, str(tmp), metadata={"config": config})
+        os.replace(tmp, path)
+    procs.barrier()
