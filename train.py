@@ -24,7 +24,7 @@ from utils.media import save_image, save_video
 from utils.model_setup import setup_transformer
 from utils.text import encode_text, setup_encoder
 from utils.training import (EMA, export_weights, init_processes, latest_checkpoint, learning_rate, load_checkpoint,
-                            parallelize, save_checkpoint, unwrap)
+                            parallelize, save_checkpoint, shard_frozen, unwrap)
 from utils.vae import setup_vae
 
 
@@ -41,6 +41,8 @@ def add_run_args(p):
     g.add_argument("--log_every", type=int, default=10, help="print one line of metrics every N steps")
     g.add_argument("--num_workers", type=int, default=2, help="data-loading processes per rank")
     g.add_argument("--wandb", type=int, default=0, help="log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--export_name", type=str, default="model.safetensors",
+                   help="consolidated weights in the logdir: .safetensors (with the config) or .pth (official)")
 
 
 GROUPS = (add_model_args, add_data_args, add_training_args, add_sampling_args, add_run_args)
@@ -205,6 +207,8 @@ def main(argv=None):
     torch.manual_seed(args.train_seed or 0)  # the same initial weights on every rank
 
     text = setup_encoder(args.text, procs.device) if args.text else None
+    if text is not None and args.fsdp and args.fsdp_text_encoder and procs.world_size > 1:
+        text = (text[0], shard_frozen(text[1], procs))
     vae = setup_vae(args.vae, args.finetuned_vae, procs.device) if args.vae else None
     channels = vae.latent_channels if vae is not None else 3
     if args.channel_size != channels:
@@ -255,9 +259,9 @@ def main(argv=None):
                  "rng": {"torch": torch.get_rng_state(), "generator": step_fn.generator.get_state(),
                          "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}}
         path = save_checkpoint(logdir / "checkpoints", step, net, optimizers, ema, extra, procs, args.keep_checkpoints)
-        export_weights(net, logdir / "model.safetensors", procs, ema)
+        export_weights(net, logdir / args.export_name, procs, ema)
         if procs.main:
-            print(f"checkpoint: {path}; weights for sampling: {logdir / 'model.safetensors'}")
+            print(f"checkpoint: {path}; weights for sampling: {logdir / args.export_name}")
 
     bar = tqdm(total=1 if args.dry_run else total, initial=step, disable=not procs.main, desc="training",
                dynamic_ncols=True)

@@ -128,7 +128,8 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
 
 def test_torchrun_fsdp_trains_writes_a_checkpoint_and_resumes(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    argv = [*TINY, "--logdir", str(tmp_path), "--fsdp", "1", "--max_steps", "2", "--batch_size", "4"]
+    argv = [*TINY, "--logdir", str(tmp_path), "--fsdp", "1", "--fsdp_text_encoder", "1", "--max_steps", "2",
+            "--batch_size", "4"]
     first = run(*torchrun[1:], "train.py", *argv)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "step-00000002" / "extra-rank00001.pt").is_file()
@@ -169,3 +170,20 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
         errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and name in errors[0], out.stderr[-1500:]
     assert digest(corrupt / ".metadata") == before
+
+
+def test_torchrun_ddp_with_denoiser_and_accumulation(tmp_path):
+    """DDP (--fsdp 0) routes both training calls through its forward; the .pth export loads like an official one."""
+    from transformer_flow import Model, load_official_state_dict
+    from utils.model_setup import setup_transformer
+
+    argv = [*TINY, "--logdir", str(tmp_path), "--fsdp", "0", "--max_steps", "2", "--acc", "2", "--batch_size", "8",
+            "--learnable_self_denoiser", "1", "--conditional_denoiser", "1", "--export_name", "model.pth"]
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *argv)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines] == [1, 2] and all(m["loss_denoiser"] > 0 for m in lines)
+    args = parse_config(build_parser(*train.GROUPS), argv)
+    model = setup_transformer(args, 384, 1)
+    load_official_state_dict(model, torch.load(tmp_path / "model.pth", weights_only=True))
+    assert isinstance(model, Model)

@@ -92,6 +92,18 @@ def parallelize(model: Model, procs: Processes, fsdp: bool, bf16: bool) -> torch
     return model
 
 
+def shard_frozen(module: torch.nn.Module, procs: Processes) -> torch.nn.Module:
+    """Shard a frozen module (the text encoder) with FSDP2: each entry of its layer lists, then the whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(procs.device.type, (procs.world_size,))
+    for layers in [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(module, mesh=mesh)
+
+
 class Objective(torch.nn.Module):
     """DDP wraps this so that both of the model's training calls, the flow (`forward`) and the learnable denoiser
     (`denoise`), pass through DDP's forward and get their gradients averaged."""
@@ -224,8 +236,9 @@ def load_checkpoint(path: Path, model, optimizers, ema, procs: Processes) -> dic
 
 
 def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None):
-    """Consolidated weights (the EMA's if given) as one safetensors file with the configuration in its metadata;
-    every rank takes part in gathering sharded tensors, rank 0 writes (atomically)."""
+    """Consolidated weights (the EMA's if given) in one file: safetensors with the configuration in its metadata, or,
+    for a `.pth` path, a plain state dict as the official code loads it.  Every rank takes part in gathering sharded
+    tensors; rank 0 writes (atomically)."""
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
 
@@ -235,6 +248,9 @@ def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None):
     if procs.main:
         config = json.dumps(dataclasses.asdict(unwrap(model).config))
         tmp = path.with_name(path.name + ".tmp")
-        save_file(full, str(tmp), metadata={"config": config})
+        if path.suffix == ".pth":
+            torch.save(full, tmp)
+        else:
+            save_file(full, str(tmp), metadata={"config": config})
         os.replace(tmp, path)
     procs.barrier()
