@@ -7,6 +7,7 @@ Data comes from --dataset shapes | folder | webdataset (dataset.py).  Outputs in
 (a run continues from the newest one there, or from --resume_path), model.safetensors (EMA weights and the model
 configuration, for sample.py), samples/, and metrics.jsonl with one line per optimizer step.
 """
+import dataclasses
 import json
 import time
 from contextlib import nullcontext
@@ -18,10 +19,10 @@ from tqdm import tqdm
 
 from dataset import build_loader
 from transformer_flow import bits_per_dim
-from utils.config import (ConfigError, add_data_args, add_model_args, add_sampling_args, add_training_args,
-                          build_parser, parse_config, run_cli)
+from utils.config import (RUN_KEYS, ConfigError, add_data_args, add_model_args, add_sampling_args,
+                          add_training_args, build_parser, parse_config, run_cli)
 from utils.media import save_image, save_video
-from utils.model_setup import setup_transformer
+from utils.model_setup import load_weights, setup_transformer
 from utils.text import encode_text, setup_encoder
 from utils.training import (EMA, export_weights, init_processes, latest_checkpoint, learning_rate, load_checkpoint,
                             parallelize, save_checkpoint, shard_frozen, unwrap)
@@ -217,6 +218,12 @@ def main(argv=None):
     factor = vae.downsample_factor if vae is not None else 1
     model = setup_transformer(args, text[1].config.hidden_size if text else 0, factor).to(procs.device)
     loader = build_loader(args, procs.rank, procs.world_size, factor * args.patch_size, args.num_workers)
+    resume = Path(args.resume_path) if args.resume_path else latest_checkpoint(logdir / "checkpoints")
+    if resume is not None and resume.is_file():  # a weights file (e.g. an official .pth): initialise, start at 0
+        load_weights(model, resume)
+        if procs.main:
+            print(f"initialised the weights from {resume}; a new run starts at step 0")
+        resume = None
     net = parallelize(model, procs, bool(args.fsdp), bf16=precision == "bf16")
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("learnable_self_denoiser")],
@@ -232,7 +239,6 @@ def main(argv=None):
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = args.warmup_steps if args.warmup_steps is not None else steps_per_epoch
     step, epoch = 0, 0
-    resume = Path(args.resume_path) if args.resume_path else latest_checkpoint(logdir / "checkpoints")
     if resume is not None:
         extra = load_checkpoint(resume, net, optimizers, ema, procs)
         step, epoch = extra["step"], extra["epoch"]
@@ -254,12 +260,15 @@ def main(argv=None):
         import wandb
         wandb_run = wandb.init(project="starflow", name=args.wandb_name, config=vars(args), dir=str(logdir))
 
+    model_config = dataclasses.asdict(model.config)
+    run = {k: getattr(args, k) for k in RUN_KEYS}
+
     def checkpoint():
-        extra = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "args": vars(args),
+        extra = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "config": model_config, "run": run,
                  "rng": {"torch": torch.get_rng_state(), "generator": step_fn.generator.get_state(),
                          "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}}
         path = save_checkpoint(logdir / "checkpoints", step, net, optimizers, ema, extra, procs, args.keep_checkpoints)
-        export_weights(net, logdir / args.export_name, procs, ema)
+        export_weights(net, logdir / args.export_name, procs, ema, run)
         if procs.main:
             print(f"checkpoint: {path}; weights for sampling: {logdir / args.export_name}")
 

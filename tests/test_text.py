@@ -52,7 +52,7 @@ def test_t5_encoder_loads_by_path_and_encodes(tiny_t5):
 
 
 def test_minilm_package_encodes_offline():
-    tokenizer, encoder = setup_encoder(str(minilm_path()))
+    tokenizer, encoder = setup_encoder("sentence-transformers/all-MiniLM-L6-v2")  # the Hub name, served offline
     assert encoder.config.hidden_size == 384
     y = encode_text(encoder, tokenizer, ["a large blue square", "a small red circle", "a large blue square"], 16)
     assert y.shape == (3, 16, 384)

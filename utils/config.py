@@ -21,6 +21,11 @@ INERT_KEYS = {"nvp", "adaln", "wds", "compile", "fp8", "use_8bit_adam", "vae_dec
 ASPECT_RATIOS = ["1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21"]
 
 
+# Flags that fix what a model's inputs are; checkpoints store them so that sampling needs no flags.
+RUN_KEYS = ("text", "txt_size", "vae", "finetuned_vae", "img_size", "vid_size", "channel_size", "patch_size",
+            "noise_std", "fps_cond", "cond_noise_level", "mix_aspect", "cfg")
+
+
 class ConfigError(ValueError):
     """A bad configuration file, key or value: reported as one line."""
 

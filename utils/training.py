@@ -235,9 +235,10 @@ def load_checkpoint(path: Path, model, optimizers, ema, procs: Processes) -> dic
     return extra
 
 
-def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None):
-    """Consolidated weights (the EMA's if given) in one file: safetensors with the configuration in its metadata, or,
-    for a `.pth` path, a plain state dict as the official code loads it.  Every rank takes part in gathering sharded
+def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, run: dict | None = None):
+    """Consolidated weights (the EMA's if given) in one file: safetensors with the model configuration and the `run`
+    flags (utils.config.RUN_KEYS) in its metadata, or, for a `.pth` path, a plain state dict as the official code
+    loads it.  Every rank takes part in gathering sharded
     tensors; rank 0 writes (atomically)."""
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
@@ -246,11 +247,11 @@ def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None):
     full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
             for k, v in tensors.items()}
     if procs.main:
-        config = json.dumps(dataclasses.asdict(unwrap(model).config))
+        meta = {"config": json.dumps(dataclasses.asdict(unwrap(model).config)), "run": json.dumps(run or {})}
         tmp = path.with_name(path.name + ".tmp")
         if path.suffix == ".pth":
             torch.save(full, tmp)
         else:
-            save_file(full, str(tmp), metadata={"config": config})
+            save_file(full, str(tmp), metadata=meta)
         os.replace(tmp, path)
     procs.barrier()
