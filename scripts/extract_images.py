@@ -5,14 +5,15 @@
     python scripts/extract_images.py samples.png --n 8                      # tile size from the number of tiles
 
 A grid has a 2-pixel white border around and between its tiles and grid_columns(n) columns, so a side of S pixels
-holds k tiles of T pixels exactly when S = k * (T + 2) + 2.  Tiles are numbered row by row from 0.
+holds k tiles of T pixels exactly when S = k * (T + 2) + 2, and the lines between tiles are white.  Tiles are
+numbered row by row from 0.
 """
 import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,7 +31,8 @@ def _side(side: int, size: int | None, count: int | None, flag: str, name: str, 
     """(tiles, tile size) along one grid side of `side` pixels, from the tile size, the tile count, or both.
 
     odd_padded: the grid went through save_video, which pads an odd side by one pixel, so an even side may hold
-    a grid one pixel smaller.
+    a grid one pixel smaller.  A tile size settles which; from the count alone, a single row (or column) of odd
+    tiles also reads as unpadded tiles one pixel larger, and the unpadded reading wins (samples have even sides).
     """
     fitted = None
     for s in (side, side - 1) if odd_padded and side % 2 == 0 else (side,):
@@ -52,12 +54,13 @@ def _side(side: int, size: int | None, count: int | None, flag: str, name: str, 
     raise GridError(f"{flag} {size} gives {fitted} tiles along the {name}, but --n {n} needs {count}")
 
 
-def layout(height: int, width: int, tile_h: int | None, tile_w: int | None, n: int | None,
-           odd_padded: bool = False) -> tuple[int, int, int, int]:
-    """(rows, columns, tile height, tile width) of a grid image of height x width pixels.
+def layout(grid: np.ndarray, tile_h: int | None, tile_w: int | None, n: int | None, odd_padded: bool = False,
+           tolerance: float = 0) -> tuple[int, int, int, int]:
+    """(rows, columns, tile height, tile width) of a (height, width, C) grid image.
 
-    Each tile side comes from its flag when given, otherwise from n (rows and columns as in utils.media);
-    with both, they must agree.
+    Each tile side comes from its flag when given, otherwise from n (rows and columns as in utils.media); with
+    both, they must agree.  Sizes alone can fit by chance (4 tiles fit a 2x3 grid's size), so the 2-pixel lines
+    between the tiles must also be white: each line's mean within `tolerance` of 255 (lossy video needs some).
     """
     if n is not None and n < 1:
         raise GridError(f"--n {n} must be at least 1")
@@ -66,10 +69,18 @@ def layout(height: int, width: int, tile_h: int | None, tile_w: int | None, n: i
     for flag, size in (("-H", tile_h), ("-W", tile_w)):
         if size is not None and size < 1:
             raise GridError(f"{flag} {size} must be at least 1")
+    flags = " ".join(f"{flag} {v}" for flag, v in (("-H", tile_h), ("-W", tile_w), ("--n", n)) if v is not None)
     columns = grid_columns(n) if n is not None else None
     rows = n // columns if n is not None else None
-    rows, tile_h = _side(height, tile_h, rows, "-H", "height", n, odd_padded)
-    columns, tile_w = _side(width, tile_w, columns, "-W", "width", n, odd_padded)
+    rows, tile_h = _side(grid.shape[0], tile_h, rows, "-H", "height", n, odd_padded)
+    columns, tile_w = _side(grid.shape[1], tile_w, columns, "-W", "width", n, odd_padded)
+
+    height, width = rows * (tile_h + PAD) + PAD, columns * (tile_w + PAD) + PAD
+    lines = [grid[y:y + PAD, :width] for y in range(0, height, tile_h + PAD)]
+    lines += [grid[:height, x:x + PAD] for x in range(0, width, tile_w + PAD)]
+    if any(line.mean() < 255 - tolerance for line in lines):
+        raise GridError(f"{flags} makes {rows}x{columns} tiles of {tile_h}x{tile_w}, but the {PAD}-pixel lines "
+                        f"between them are not white: is the tile size or count right?")
     return rows, columns, tile_h, tile_w
 
 
@@ -102,10 +113,10 @@ def main(argv=None):
     try:
         with Image.open(args.grid) as im:
             grid = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+    except OSError as e:  # PIL.UnidentifiedImageError included
         sys.exit(f"error: {args.grid}: cannot read it as an image ({e})")
     try:
-        rows, columns, tile_h, tile_w = layout(*grid.shape[:2], args.tile_h, args.tile_w, args.n)
+        rows, columns, tile_h, tile_w = layout(grid, args.tile_h, args.tile_w, args.n)
     except GridError as e:
         sys.exit(f"error: {args.grid} ({grid.shape[0]}x{grid.shape[1]}): {e}")
     tiles = cut(grid, rows, columns, tile_h, tile_w)

@@ -192,14 +192,19 @@ def convert(action: argparse.Action, value, where: str):
     return parsed if action.nargs else parsed[0]
 
 
-def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line and merge: defaults < YAML (--model_config_path) < flags typed on the command line."""
+def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                 stored: dict | None = None) -> argparse.Namespace:
+    """Parse the command line and merge: defaults < `stored` (the flags a checkpoint was trained with) < YAML
+    (--model_config_path) < flags typed on the command line."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.model_config_path is None:
-        return args
     typed = {a.dest for a in parser._actions for opt in a.option_strings
              if any(w == opt or w.startswith(opt + "=") for w in argv)}
+    for key, value in (stored or {}).items():
+        if key not in typed:
+            setattr(args, key, value)
+    if args.model_config_path is None:
+        return args
     schema = build_parser(*GROUPS)
     actions = {a.dest: a for a in schema._actions}
     values = read_yaml(args.model_config_path)

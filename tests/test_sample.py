@@ -1,0 +1,171 @@
+"""sample.py as a user runs it: one process or torchrun, files written, determinism, self-denoising, bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--img_size", "16", "--channel_size", "3", "--patch_size", "2", "--channels", "32", "--head_dim", "32",
+        "--sos", "1", "--seq_order", "L2R", "--use_softplus", "1", "--cond_top_only", "1", "--use_final_norm", "1",
+        "--soft_clip", "4", "--text", "sentence-transformers/all-MiniLM-L6-v2", "--txt_size", "8", "--noise_std",
+        "0.1", "--drop_label", "0.1", "--num_workers", "0", "--sample_freq", "0", "--lr", "2e-3", "--warmup_steps",
+        "2", "--log_every", "1000", "--cfg", "1.5"]
+IMAGE = [*BASE, "--layers_per_block", "1", "2", "--batch_size", "8", "--epoch_length", "64", "--max_steps", "40"]
+VIDEO = [*BASE, "--layers_per_block", "1", "1", "--vid_size", "4:8", "--temporal_causal", "2",
+         "--shallow_block_local", "1", "--learnable_self_denoiser", "1", "--conditional_denoiser", "1",
+         "--denoiser_window", "2", "--batch_size", "4", "--epoch_length", "16", "--max_steps", "4"]
+
+
+def run(*argv, timeout=600):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny image and video models trained by our own train.py on the shapes data (pixel space, no VAE)."""
+    out = {}
+    for kind, argv in (("image", IMAGE), ("video", VIDEO)):
+        logdir = tmp_path_factory.mktemp(kind)
+        result = run("train.py", "--dataset", "shapes", *argv, "--logdir", str(logdir))
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[kind] = logdir / "model.safetensors"
+    return out
+
+
+@pytest.fixture
+def captions(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("a small red circle left\na large blue square right\nein grüner Kreis ✓\n"
+                    "a large yellow triangle top\na small purple circle center\n", encoding="utf-8")
+    return path
+
+
+def sample(checkpoint, logdir, *argv, torchrun=False):
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else []
+    return run(*launch, "sample.py", "--checkpoint_path", str(checkpoint), "--logdir", str(logdir), *argv)
+
+
+def read(path: Path) -> np.ndarray:
+    return iio.imread(path) if path.suffix == ".png" else np.stack(list(iio.imiter(path, plugin="FFMPEG")))
+
+
+@pytest.mark.parametrize("kind,suffix,shape", [("image", ".png", (16, 16, 3)), ("video", ".mp4", (4, 16, 16, 3))])
+def test_one_file_per_caption_and_deterministic(trained, captions, tmp_path, kind, suffix, shape):
+    out = sample(trained[kind], tmp_path / "a", "--caption", str(captions), "--save_folder", "1",
+                 "--sample_batch_size", "2", "--seed", "5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = tmp_path / "a" / "model" / "captions"
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"{i:05d}{suffix}" for i in range(5)]
+    assert all(read(f).shape == shape for f in files)
+    assert "5 samples in" in out.stdout and "samples/s" in out.stdout
+    again = sample(trained[kind], tmp_path / "b", "--caption", str(captions), "--save_folder", "1",
+                   "--sample_batch_size", "3", "--seed", "5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for f in files:  # the same seed gives the same samples, whatever the batching
+        other = read(tmp_path / "b" / "model" / "captions" / f.name)
+        assert np.abs(other.astype(int) - read(f).astype(int)).max() <= (0 if suffix == ".png" else 2)
+    assert not np.array_equal(read(files[0]), read(files[1]))
+
+
+def test_torchrun_splits_captions_into_one_complete_set(trained, captions, tmp_path):
+    single = sample(trained["image"], tmp_path / "one", "--caption", str(captions), "--save_folder", "1")
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = sample(trained["image"], tmp_path / "two", "--caption", str(captions), "--save_folder", "1",
+                   "--sample_batch_size", "2", torchrun=True)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    files = sorted((tmp_path / "two" / "model" / "captions").iterdir())
+    assert [f.name for f in files] == [f"{i:05d}.png" for i in range(5)]
+    for f in files:  # each caption's sample depends on its index and the seed only, not on the process
+        assert np.array_equal(read(f), read(tmp_path / "one" / "model" / "captions" / f.name))
+    grid = sample(trained["image"], tmp_path / "grid", "--caption", "a small red circle left",
+                  "--sample_batch_size", "3", torchrun=True)
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    grids = sorted((tmp_path / "grid" / "model").glob("samples-*.png"))
+    assert [g.name for g in grids] == ["samples-00000.png", "samples-00001.png"]  # one grid per process
+    assert not np.array_equal(read(grids[0]), read(grids[1]))
+
+
+def test_flow_score_step_moves_samples_toward_the_data(trained):
+    """Tweedie with the flow's own score: noisy data move closer to the clean data, and their likelihood rises."""
+    from dataset import ShapesDataset
+    from transformer_flow import Model, ModelConfig
+    from utils.inference import flow_score_step
+    from utils.model_setup import load_weights, stored_metadata
+    from utils.text import encode_text, setup_encoder
+
+    path = trained["image"]
+    model = Model(ModelConfig(**stored_metadata(path)["config"])).eval()
+    load_weights(model, path)
+    tokenizer, encoder = setup_encoder("sentence-transformers/all-MiniLM-L6-v2")
+    data = ShapesDataset(16, img_size=16)
+    clean = torch.stack([torch.from_numpy(data.load(i, np.random.default_rng(0))[0].copy()).permute(2, 0, 1)
+                         for i in range(16)]).float() / 127.5 - 1
+    y = encode_text(encoder, tokenizer, [data.load(i, np.random.default_rng(0))[1] for i in range(16)], 8)
+    sigma = 0.1
+    noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    denoised = flow_score_step(model, noisy, y, sigma)
+
+    def nll(x):
+        with torch.no_grad():
+            z, _, _, logdets = model(x, y)
+            return model.get_loss(z, logdets)["loss"].item()
+
+    assert nll(denoised) < nll(noisy)
+    assert (denoised - clean).norm() < (noisy - clean).norm()
+
+
+def test_video_learnable_denoiser_and_image_to_video(trained, tmp_path):
+    from PIL import Image
+
+    first = tmp_path / "first.png"
+    Image.new("RGB", (20, 24), (220, 40, 40)).save(first)
+    out = sample(trained["video"], tmp_path / "v", "--caption", "a red circle moving right", "--input_image",
+                 str(first), "--sample_batch_size", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    grid = read(next((tmp_path / "v" / "model").glob("samples-*.mp4")))
+    assert grid.shape[0] == 4
+
+
+def test_bad_input_is_one_line(trained, captions, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(trained["image"].read_bytes()[:5000])
+    other = tmp_path / "other.safetensors"  # the image model's configuration over the video model's weights
+    data = bytearray(trained["video"].read_bytes())
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(trained["image"]), "pt") as f:
+        meta = f.metadata()
+    with safe_open(str(trained["video"]), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(other), metadata=meta)
+    official = tmp_path / "official.pth"
+    with safe_open(str(trained["image"]), "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, official)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    not_image = tmp_path / "not_image.png"
+    not_image.write_text("hello")
+    ckpt, cap = str(trained["image"]), "a red circle"
+    cases = [
+        ([str(tmp_path / "missing.safetensors"), "--caption", cap], "missing.safetensors"),
+        ([str(truncated), "--caption", cap], "truncated.safetensors"),
+        ([str(other), "--caption", cap], "blocks."),
+        ([str(official), "--caption", cap], "--model_config_path"),
+        ([ckpt, "--caption", cap, "--aspect_ratio", "7:3", "--mix_aspect", "1"], "--aspect_ratio"),
+        ([str(trained["video"]), "--caption", cap, "--input_image", str(not_image)], "not_image.png"),
+        ([ckpt, "--caption", str(empty)], "empty.txt"),
+        ([ckpt, "--caption", cap, "--jacobi_block_size", "0"], "--jacobi_block_size"),
+        ([ckpt, "--caption", cap, "--cfg", "-1"], "--cfg"),
+    ]
+    for argv, name in cases:
+        out = run("sample.py", "--checkpoint_path", *argv, "--logdir", str(tmp_path / "out"))
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+        assert out.returncode != 0 and "Traceback" not in out.stderr, (argv, out.stderr[-1500:])
+        assert len(errors) == 1 and name in out.stderr[out.stderr.index("error"):], (argv, out.stderr[-1500:])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))

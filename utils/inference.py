@@ -1,0 +1,50 @@
+"""Self-denoising of samples.  STARFlow models the latents plus Gaussian noise of std `noise_std` (the training
+augmentation), so its samples carry that noise; one Tweedie step removes it: x + sigma^2 * grad log p(x).
+
+The score comes from the flow's own exact likelihood, or from the learnable self-denoiser (STARFlow-V), which was
+trained to regress noise_std * w * grad NLL (w = noise_std / 0.3 with --cond_noise_level): the step is then
+x - 0.3 * prediction, as in the official sampler.
+"""
+import torch
+
+from transformer_flow import Model
+
+DENOISER_SCALE = 0.3  # the reference noise level of the learnable denoiser's training target
+
+
+def flow_score_step(model: Model, x: torch.Tensor, y: torch.Tensor | None, noise_std: float) -> torch.Tensor:
+    """x - noise_std^2 * grad_x NLL(x | y), per sample, with the flow's exact likelihood (no guidance)."""
+    with torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)
+        z, _, _, logdets = model(x, y)
+        nll = model.get_loss(z, logdets)["loss"] * x.numel()  # mean over batch and dims -> sum of per-sample NLLs
+        (grad,) = torch.autograd.grad(nll, x)
+    return (x - noise_std ** 2 * grad).detach()
+
+
+@torch.no_grad()
+def learnable_step(model: Model, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return x - DENOISER_SCALE * model.denoise(x, y).float()
+
+
+def denoise(model: Model, x: torch.Tensor, y: torch.Tensor | None, noise_std: float, learnable: bool,
+            batch_size: int = 1, window: int | None = None, overlap: int | None = None) -> torch.Tensor:
+    """Denoise samples x (B, ...) in mini-batches.  Videos longer than `window` latent frames are denoised in windows
+    that overlap by `overlap` frames, each window rewriting only its frames after the overlap."""
+    step = (lambda v, t: learnable_step(model, v, t)) if learnable else \
+        (lambda v, t: flow_score_step(model, v, t, noise_std))
+    out = []
+    for i in range(0, x.size(0), max(1, batch_size)):
+        xb, yb = x[i:i + batch_size].clone(), None if y is None else y[i:i + batch_size]
+        if xb.dim() == 5 and window and window < xb.size(1):
+            keep = min(overlap if overlap is not None else window - 1, window - 1)  # each window moves on
+            start, written = 0, 0
+            while written < xb.size(1):
+                chunk = step(xb[:, start:start + window], yb)
+                skip = written - start  # frames already denoised by the previous window
+                xb[:, written:start + window] = chunk[:, skip:]
+                written, start = start + window, start + window - keep
+        else:
+            xb = step(xb, yb)
+        out.append(xb)
+    return torch.cat(out)
