@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from transformer_flow import Model, load_official_state_dict  # noqa: E402
+from transformer_flow import KVCache, Model, load_official_state_dict  # noqa: E402
 from utils.debug import randomize_weights  # noqa: E402
 
 SHARED_MODULES = ("transformer_flow", "misc")
@@ -69,10 +69,39 @@ def rel_l2(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """VmRSS or VmHWM (peak RSS since the last reset) of this process, on Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, Linux reports KiB
+    peak = _proc_status_mb("VmHWM")  # whole process
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count from the current RSS
+        except OSError:
+            pass
+
+
+def current_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    current = _proc_status_mb("VmRSS")
+    return current if current is not None else peak_memory_mb(device)
 
 
 def train_step_fn(model, x, y):
@@ -91,32 +120,62 @@ def train_step_fn(model, x, y):
     return step
 
 
-def config_throughput(args, device):
-    """Training throughput and peak memory of the flow model of a YAML configuration, on random latents and text of
-    the configuration's shapes (no VAE or text encoder needed)."""
+def config_benchmark(args, device):
+    """Training throughput and peak memory, and sampling time with and without Jacobi (with the distance to the exact
+    inverse), of the flow model of a YAML configuration, with random weights, latents and text of its shapes (no VAE
+    or text encoder needed).  For video models, --lengths also samples 1x, 2x, ... the trained number of frames with
+    a sliding window of the trained length and with full attention, and reports the deep block's KV-cache memory
+    (what grows with the length) and, on CUDA, the peak allocated memory."""
     from utils.config import GROUPS, build_parser, parse_config
     from utils.model_setup import setup_transformer, text_width, vae_downsample_factor
 
     cfg = parse_config(build_parser(*GROUPS), ["--model_config_path", str(args.config)])
     factor = vae_downsample_factor(cfg.vae) if cfg.vae else 1
+    temporal = 4 if cfg.vae and "wan" in cfg.vae.lower() else 1
     txt_dim = text_width(cfg.text) if cfg.text else 0
     torch.manual_seed(0)
-    model = setup_transformer(cfg, txt_dim, factor).to(device)
+    model = randomize_weights(setup_transformer(cfg, txt_dim, factor), 0, args.weight_scale).to(device)
     side = cfg.img_size // factor
-    shape = (cfg.channel_size, side, side)
-    if cfg.vid_size:
-        shape = ((int(cfg.vid_size.split(":")[0]) - 1) // 4 + 1, *shape)
+    frames = (int(cfg.vid_size.split(":")[0]) - 1) // temporal + 1 if cfg.vid_size else 0
+    shape = (frames, cfg.channel_size, side, side) if frames else (cfg.channel_size, side, side)
     g = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randn(n, cfg.txt_size, txt_dim, generator=g).to(device) if txt_dim else None
+    print(f"{args.config}: {sum(p.numel() for p in model.parameters()):,} parameters, latents {shape}, {device}")
+
     x = torch.randn(args.train_batch, *shape, generator=g).to(device)
-    y = torch.randn(args.train_batch, cfg.txt_size, txt_dim, generator=g).to(device) if txt_dim else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    best, median, _ = interleaved({"step": train_step_fn(model, x, y)}, args.train_steps)["step"]
+    reset_peak(device)
+    best, median, _ = interleaved({"step": train_step_fn(model, x, text(args.train_batch))}, args.train_steps)["step"]
     tokens = x.size(0) * x[0, ..., 0, :, :].numel() // (cfg.patch_size ** 2)
-    print(f"training {args.config}: batch {args.train_batch} ({tokens} tokens), {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {device}")
-    print(f"  {tokens / best:.0f} tokens/s (median {tokens / median:.0f}), peak memory {peak_memory_mb(device):.0f} MB "
-          f"({'CUDA allocator' if device.type == 'cuda' else 'process RSS'})")
+    print(f"  training, batch {args.train_batch} ({tokens} tokens): {tokens / best:.0f} tokens/s "
+          f"(median {tokens / median:.0f}), peak memory {peak_memory_mb(device):.0f} MB")
+
+    z = torch.randn(args.batch, *shape, generator=g).to(device)
+    guidance = args.guidance if txt_dim else 0.0
+    y = text(2 * args.batch if guidance > 0 else args.batch)
+    with torch.no_grad():
+        results = interleaved({"sequential (exact)": lambda: model.reverse(z, y, guidance=guidance, jacobi=False),
+                               "default (Jacobi)": lambda: model.reverse(z, y, guidance=guidance)}, args.repeats)
+    exact = results["sequential (exact)"][2]
+    for name, (best, median, out) in results.items():
+        print(f"  sampling, batch {args.batch}, {name}: {best:.3f} s (median {median:.3f}), "
+              f"rel L2 to exact {rel_l2(out, exact):.2e}")
+
+    for k in args.lengths if frames else []:
+        long = torch.randn(1, k * frames, *shape[1:], generator=g).to(device)
+        for window in (frames, None):  # the trained length as a sliding window, and full attention to compare
+            model.blocks[-1].local_attn_window = window
+            caches = [KVCache() for _ in model.blocks]
+            reset_peak(device)
+            base = current_memory_mb(device)
+            with torch.no_grad():
+                start = time.perf_counter()
+                out = model.reverse(long, text(2 if guidance > 0 else 1), guidance=guidance, kv_caches=caches,
+                                    context_length=frames - 1 if window else None)
+            cache_mb = sum(t.untyped_storage().nbytes() for c in caches for t in c.keys + c.values) / 2 ** 20
+            memory = f", peak memory +{peak_memory_mb(device) - base:.0f} MB" if device.type == "cuda" else ""
+            print(f"  video {k}x the trained length ({out.size(1)} latent frames), "
+                  f"{f'window {window}' if window else 'full attention'}: {time.perf_counter() - start:.2f} s, "
+                  f"KV cache {cache_mb:.1f} MB{memory}")
 
 
 def main():
@@ -140,12 +199,14 @@ def main():
     p.add_argument("--jacobi_block_size", type=int, default=16, help="official Jacobi setting (test_sample_image.sh)")
     p.add_argument("--jacobi_th", type=float, default=1e-3)
     p.add_argument("--jacobi_max_iter", type=int, default=32)
-    p.add_argument("--config", type=Path, help="measure training of this YAML configuration's model instead")
+    p.add_argument("--config", type=Path, help="measure this YAML configuration's model instead (random weights)")
+    p.add_argument("--lengths", type=int, nargs="*", default=[], help="with --config of a video model: sample "
+                   "these multiples of the trained length (e.g. 1 2 3) and report peak memory")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.config:
-        return config_throughput(args, device)
+        return config_benchmark(args, device)
 
     official = import_official(args.official.resolve()) if args.official else None
     torch.manual_seed(0)
@@ -195,8 +256,7 @@ def main():
     steps = {"ours": train_step_fn(ours, x, y_train)}
     if reference is not None:
         steps["official"] = train_step_fn(reference, x, y_train)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     results = interleaved(steps, args.train_steps)
     tokens = x.size(0) * x[0, 0].numel()
     print(f"training: batch {args.train_batch} ({tokens} tokens), forward + backward + AdamW, best of "

@@ -121,16 +121,33 @@ def test_flow_score_step_moves_samples_toward_the_data(trained):
     assert (denoised - clean).norm() < (noisy - clean).norm()
 
 
-def test_video_learnable_denoiser_and_image_to_video(trained, tmp_path):
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
+
+
+def test_image_to_video_starts_from_the_given_frame(trained, tmp_path):
     from PIL import Image
 
     first = tmp_path / "first.png"
     Image.new("RGB", (20, 24), (220, 40, 40)).save(first)
-    out = sample(trained["video"], tmp_path / "v", "--caption", "a red circle moving right", "--input_image",
-                 str(first), "--sample_batch_size", "2")
+    first.with_suffix(".txt").write_text("a red circle moving right\na blue square moving up\n")
+    out = sample(trained["video"], tmp_path / "v", "--input_image", str(first), "--save_folder", "1",
+                 "--caption", str(first.with_suffix(".txt")))
     assert out.returncode == 0, out.stderr[-3000:]
-    grid = read(next((tmp_path / "v" / "model").glob("samples-*.mp4")))
-    assert grid.shape[0] == 4
+    for video in sorted((tmp_path / "v" / "model" / "first").glob("*.mp4")):
+        frames = read(video)
+        assert frames.shape == (4, 16, 16, 3)
+        target = np.broadcast_to(np.array([220, 40, 40], np.uint8), frames[0].shape)
+        assert psnr(frames[0], target) > 20  # the given frame, up to the training noise and H.264
+        assert psnr(frames[-1], target) < psnr(frames[0], target)  # the rest is generated
+
+
+def test_long_video_beyond_the_trained_length(trained, tmp_path):
+    out = sample(trained["video"], tmp_path / "long", "--caption", "a green triangle moving left",
+                 "--target_length", "12", "--sample_batch_size", "1", "--out_fps", "8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    frames = read(next((tmp_path / "long" / "model").glob("samples-*.mp4")))
+    assert frames.shape[0] == 12  # 3x the 4 trained frames
 
 
 def test_bad_input_is_one_line(trained, captions, tmp_path):

@@ -187,3 +187,26 @@ def test_torchrun_ddp_with_denoiser_and_accumulation(tmp_path):
     model = setup_transformer(args, 384, 1)
     load_official_state_dict(model, torch.load(tmp_path / "model.pth", weights_only=True))
     assert isinstance(model, Model)
+
+
+def test_drop_image_trains_on_the_clip_without_its_first_frame(tmp_path):
+    """--drop_image: the first latent frame is dropped and the caption says "(extend)" (and the model still trains)."""
+    step, model, opt, _ = build_step(tmp_path, "--vid_size", "4:8", "--temporal_causal", "2", "--shallow_block_local",
+                                     "1", "--epoch_length", "8", "--drop_image", "1.0", "--drop_label", "0")
+    from dataset import build_loader
+
+    loader = build_loader(step.args, 0, 1, 2, 0)
+    loader.set_epoch(0)
+    x, captions, meta = next(iter(loader))
+    seen = []
+    encode = train.encode_text
+    train.encode_text = lambda encoder, tokenizer, text, *a, **k: seen.extend(text) or encode(encoder, tokenizer,
+                                                                                                 text, *a, **k)
+    try:
+        latents, y = step.inputs(x, captions, meta)
+        out = step([(x, captions, meta)], 0, 2, 10)
+    finally:
+        train.encode_text = encode
+    assert latents.shape[1] == x.shape[1] - 1 and y.shape[0] == x.shape[0]
+    assert seen and all(c.startswith("(extend) ") for c in seen)
+    assert out["skipped"] == 0 and math.isfinite(out["loss"])

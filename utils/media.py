@@ -4,12 +4,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+def to_uint8(x) -> np.ndarray:
+    """A tensor (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+    import torch  # here, so that the grid tools start without it
+
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.movedim(-3, -1).cpu().numpy()
 
@@ -40,7 +41,7 @@ def _atomic(path: Path, write):
     return path
 
 
-def save_image(x: torch.Tensor, path, columns: int | None = None) -> Path:
+def save_image(x, path, columns: int | None = None) -> Path:
     """One image (3, H, W), or a grid of a batch (B, 3, H, W), as PNG."""
     pixels = to_uint8(x)
     if pixels.ndim == 4:
@@ -48,7 +49,7 @@ def save_image(x: torch.Tensor, path, columns: int | None = None) -> Path:
     return _atomic(path, lambda p: Image.fromarray(pixels).save(p, format="PNG"))
 
 
-def save_video(x: torch.Tensor, path, fps: int, columns: int | None = None) -> Path:
+def save_video(x, path, fps: int, columns: int | None = None) -> Path:
     """One video (T, 3, H, W), or a grid of a batch (B, T, 3, H, W), as H.264 MP4."""
     import imageio.v2 as imageio
 
