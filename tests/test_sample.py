@@ -186,3 +186,35 @@ def test_bad_input_is_one_line(trained, captions, tmp_path):
         assert out.returncode != 0 and "Traceback" not in out.stderr, (argv, out.stderr[-1500:])
         assert len(errors) == 1 and name in out.stderr[out.stderr.index("error"):], (argv, out.stderr[-1500:])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_video_under_torchrun(trained, tmp_path):
+    captions = tmp_path / "videos.txt"
+    captions.write_text("a red circle moving right\na blue square moving up\na green triangle moving left\n")
+    out = sample(trained["video"], tmp_path / "v", "--caption", str(captions), "--save_folder", "1", torchrun=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = sorted((tmp_path / "v" / "model" / "videos").iterdir())
+    assert [f.name for f in files] == ["00000.mp4", "00001.mp4", "00002.mp4"]
+    assert all(read(f).shape == (4, 16, 16, 3) for f in files)
+
+
+def test_official_style_checkpoint_with_its_yaml(trained, tmp_path):
+    """An official .pth stores no configuration: the YAML (official format) rebuilds the model."""
+    from safetensors import safe_open
+
+    official = tmp_path / "official.pth"
+    with safe_open(str(trained["image"]), "pt") as f:
+        torch.save({**{k: f.get_tensor(k) for k in f.keys()}, "var": torch.ones(64, 12)}, official)  # + a dead buffer
+    yaml = tmp_path / "official.yaml"  # the tiny model's training flags, in the official format
+    yaml.write_text("arguments:\n- img_size: 16\n- channel_size: 3\n- patch_size: 2\n- channels: 32\n- head_dim: 32\n"
+                    "- layers_per_block: 1 2\n- sos: 1\n- seq_order: L2R\n- use_softplus: 1\n- cond_top_only: 1\n"
+                    "- use_final_norm: 1\n- soft_clip: 4\n- text: sentence-transformers/all-MiniLM-L6-v2\n"
+                    "- txt_size: 8\n- noise_std: 0.1\n- cfg: 1.5\n")
+    out = sample(official, tmp_path / "o", "--model_config_path", str(yaml), "--caption", "a small red circle left",
+                 "--sample_batch_size", "2", "--seed", "5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ours = sample(trained["image"], tmp_path / "s", "--caption", "a small red circle left", "--sample_batch_size", "2",
+                  "--seed", "5")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert np.array_equal(read(tmp_path / "o" / "official" / "samples-00000.png"),
+                          read(tmp_path / "s" / "model" / "samples-00000.png"))
