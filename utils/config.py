@@ -205,8 +205,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
             setattr(args, key, value)
     if args.model_config_path is None:
         return args
-    schema = build_parser(*GROUPS)
-    actions = {a.dest: a for a in schema._actions}
+    # Keys of every entry point are valid (one YAML serves training and sampling), and so are this parser's own.
+    actions = {a.dest: a for a in build_parser(*GROUPS)._actions} | {a.dest: a for a in parser._actions}
     values = read_yaml(args.model_config_path)
     unknown = sorted(k for k in values if k not in actions and k not in INERT_KEYS)
     if unknown:
