@@ -269,5 +269,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from utils.config import run_cli
+
     with contextlib.suppress(KeyboardInterrupt):
-        main()
+        run_cli(main)
