@@ -29,6 +29,7 @@ from tqdm import tqdm
 from dataset import ShapesDataset, Transform, build_loader, parse_vid_size
 from misc.losses import LPIPS, AutoencoderLoss
 from utils.config import ConfigError, add_data_args, build_parser, parse_config, run_cli
+from utils.hub import PretrainedNotFound, resolve_pretrained
 from utils.media import save_image, save_video
 from utils.training import learning_rate
 from utils.vae import LatentVAE, setup_vae
@@ -47,7 +48,7 @@ def add_finetune_args(p):
     g.add_argument("--ae_latent_channels", type=int, default=4)
     g.add_argument("--kl_weight", type=float, default=1e-6,
                    help="(b) KL weight relative to the reconstruction error summed over pixels (as in LDM)")
-    g.add_argument("--lpips_weights", type=Path, default=Path("ckpts/lpips_vgg16.safetensors"),
+    g.add_argument("--lpips_weights", type=str, default="ckpts/lpips_vgg16.safetensors",
                    help="VGG16 features + LPIPS linear layers (see misc.losses.LPIPS); absent: no LPIPS term")
     g.add_argument("--lpips_weight", type=float, default=1.1)
     g.add_argument("--disc_weight", type=float, default=0.1, help="GAN loss weight (0: no discriminator)")
@@ -208,13 +209,28 @@ def evaluate(vae: LatentVAE, x: torch.Tensor, noise: torch.Tensor, noise_std: fl
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 
+def lpips_weights_file(name) -> Path | None:
+    """The LPIPS weights: a local file, or the .safetensors/.pth file of a Hugging Face Hub repository; None, after
+    one warning line, when neither can be had."""
+    if Path(name).is_file():
+        return Path(name)
+    try:
+        root = resolve_pretrained(str(name), "LPIPS weights", ["*.safetensors", "*.pth"])
+        found = [root] if root.is_file() else sorted(root.glob("*.safetensors")) + sorted(root.glob("*.pth"))
+        if found:
+            return found[0]
+        reason = f"no .safetensors or .pth file in {root}"
+    except PretrainedNotFound as err:
+        reason = str(err)
+    print(f"warning: LPIPS weights '{name}' not found ({reason}): training without the perceptual loss")
+    return None
+
+
 def setup_losses(args, video: bool, device) -> AutoencoderLoss:
     lpips = None
     if args.lpips_weight > 0:
-        if args.lpips_weights.is_file():
-            lpips = LPIPS.from_file(args.lpips_weights)
-        else:
-            print(f"warning: LPIPS weights '{args.lpips_weights}' not found: training without the perceptual loss")
+        path = lpips_weights_file(args.lpips_weights)
+        lpips = LPIPS.from_file(path) if path is not None else None
     return AutoencoderLoss(lpips, args.lpips_weight, args.disc_weight, args.disc_start, args.lecam_weight,
                            args.wavelet_weight, video_disc=video and bool(args.use_3d_disc),
                            disc_channels=args.disc_channels).to(device)

@@ -241,3 +241,14 @@ def test_shipped_shapes_autoencoder(tmp_path):
     psnr = lambda a: (10 * torch.log10(4 / (a - x).pow(2).mean())).item()
     assert psnr(plain.decode(z)) > 35
     assert psnr(tuned.decode(noisy)) > psnr(plain.decode(noisy)) + 3
+
+
+def test_lpips_weights_from_a_repository_folder(tmp_path):
+    """A Hub name resolves to a snapshot folder; the weights file inside it is the one used."""
+    from misc.losses import LPIPS
+
+    folder = tmp_path / "lpips-repo"
+    folder.mkdir()
+    save_file(LPIPS().state_dict(), str(folder / "weights.safetensors"))
+    assert finetune_decoder.lpips_weights_file(folder) == folder / "weights.safetensors"
+    assert finetune_decoder.lpips_weights_file(tmp_path / "empty-missing") is None

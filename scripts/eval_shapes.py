@@ -1,0 +1,236 @@
+"""Caption accuracy of generated shapes: measure colour, shape, size and position (direction for videos) from the
+pixels and compare them with the caption each sample was generated from.
+
+    python scripts/eval_shapes.py --make_captions prompts.txt [--video 1] [--n N] [--seed S]
+    python sample.py --checkpoint_path logs/run/model.safetensors --caption prompts.txt --save_folder 1
+    python scripts/eval_shapes.py --captions prompts.txt --samples logs/run/model/prompts [--json acc.json]
+
+Line i of the caption file goes with <samples>/<i:05d>.png (.mp4 for a video caption), as sample.py names them.
+The measurements read the shapes that dataset.render_shape draws on white; they tolerate the mild noise and blur of
+generated samples by keeping only the largest connected blob of clearly non-white pixels.
+"""
+import argparse
+import itertools
+import json
+import sys
+from collections import Counter, deque
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, _SIZE_PX  # noqa: E402
+
+IMAGE_ATTRS = ("color", "shape", "size", "position")
+VIDEO_ATTRS = ("color", "shape", "direction")
+INK = 60  # a pixel is foreground when some channel is this far below white
+SQUARE_FILL, TRIANGLE_FILL = 0.9, 0.66  # bounding-box fill: square 1.0, circle ~0.79, triangle ~0.55
+CENTER_RADIUS = 2.5  # in 32-px units: centred shapes sit within 2 px of the middle, the others at least 3 px off
+
+
+def parse_caption(text: str) -> dict:
+    """'a small red circle left' -> {color, shape, size, position}; 'a red circle moving up' -> {color, shape,
+    direction}. Raises ValueError for a caption outside the shapes grammar."""
+    words = text.split()
+    if len(words) == 5 and words[0] == "a" and words[3] == "moving":
+        attrs = dict(color=words[1], shape=words[2], direction=words[4])
+    elif len(words) == 5 and words[0] == "a":
+        attrs = dict(size=words[1], color=words[2], shape=words[3], position=words[4])
+    else:
+        raise ValueError(f"{text!r} is not 'a SIZE COLOR SHAPE POSITION' or 'a COLOR SHAPE moving DIRECTION'")
+    choices = dict(color=tuple(COLORS), shape=SHAPES, size=SIZES, position=POSITIONS, direction=DIRECTIONS)
+    for key, value in attrs.items():
+        if value not in choices[key]:
+            raise ValueError(f"{text!r}: unknown {key} {value!r} (one of {', '.join(choices[key])})")
+    return attrs
+
+
+def largest_blob(pixels: np.ndarray) -> np.ndarray:
+    """Mask (H, W) of the largest 4-connected region of clearly non-white pixels (all False on a blank image)."""
+    ink = (255 - pixels.astype(np.int16)).max(-1) > INK
+    seen = np.zeros_like(ink)
+    best = []
+    h, w = ink.shape
+    for start in zip(*np.nonzero(ink)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        blob, queue = [], deque([start])
+        while queue:
+            y, x = queue.popleft()
+            blob.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and ink[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(blob) > len(best):
+            best = blob
+    mask = np.zeros_like(ink)
+    if best:
+        mask[tuple(np.array(best).T)] = True
+    return mask
+
+
+def measure_image(pixels: np.ndarray) -> dict:
+    """Attributes of the shape in one image (H, W, 3) uint8: color, shape, size, position, and its centre (x, y) in
+    pixels. Every value is None when the image holds no shape."""
+    mask = largest_blob(pixels)
+    if not mask.any():
+        return dict(color=None, shape=None, size=None, position=None, center=None)
+    side, unit = pixels.shape[1], pixels.shape[1] / 32
+    ys, xs = np.nonzero(mask)
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    median = np.median(pixels[mask].astype(np.float64), axis=0)
+    color = min(COLORS, key=lambda c: np.sum((median - COLORS[c]) ** 2))
+    fill = mask.sum() / (w * h)
+    shape = "square" if fill > SQUARE_FILL else "circle" if fill > TRIANGLE_FILL else "triangle"
+    size = "large" if max(w, h) > unit * (_SIZE_PX["small"] + _SIZE_PX["large"]) / 2 else "small"
+    # The bounding box's centre, not the centroid: a triangle's mass sits low in its box.
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    dx, dy = cx - side / 2, cy - pixels.shape[0] / 2
+    if max(abs(dx), abs(dy)) < CENTER_RADIUS * unit:
+        position = "center"
+    elif abs(dx) >= abs(dy):
+        position = "left" if dx < 0 else "right"
+    else:
+        position = "top" if dy < 0 else "bottom"
+    return dict(color=color, shape=shape, size=size, position=position, center=(float(cx), float(cy)))
+
+
+def measure_video(frames: np.ndarray) -> dict:
+    """Attributes of the moving shape in a video (T, H, W, 3) uint8: color and shape by majority over the frames,
+    direction from the shape's displacement between the first and last frames that show it."""
+    per_frame = [measure_image(f) for f in frames]
+    shown = [m for m in per_frame if m["center"] is not None]
+    if not shown:
+        return dict(color=None, shape=None, direction=None)
+
+    def majority(key):
+        return Counter(m[key] for m in shown).most_common(1)[0][0]
+
+    (x0, y0), (x1, y1) = shown[0]["center"], shown[-1]["center"]
+    dx, dy = x1 - x0, y1 - y0
+    if dx == dy == 0:
+        direction = None
+    elif abs(dx) >= abs(dy):
+        direction = "right" if dx > 0 else "left"
+    else:
+        direction = "down" if dy > 0 else "up"
+    return dict(color=majority("color"), shape=majority("shape"), direction=direction)
+
+
+def read_sample(path: Path) -> np.ndarray:
+    """Pixels of a PNG (H, W, 3) or the frames of an MP4 (T, H, W, 3), uint8."""
+    if path.suffix == ".mp4":
+        import imageio.v3 as iio
+        return np.stack([np.asarray(f)[..., :3] for f in iio.imiter(path, plugin="FFMPEG")])
+    from PIL import Image
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def sample_files(captions: list[str], folder: Path) -> list[Path]:
+    """<folder>/<i:05d>.png, or .mp4 for a video caption; FileNotFoundError naming the first one missing."""
+    files = [folder / f"{i:05d}{'.mp4' if ' moving ' in c else '.png'}" for i, c in enumerate(captions)]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise FileNotFoundError(f"{missing}: no such sample ({len(captions)} captions need {len(captions)} files)")
+    return files
+
+
+def evaluate(captions: list[str], files: list) -> dict:
+    """Accuracy of samples `files` (paths, or pixel arrays) against their `captions`, which must be all image or
+    all video captions.
+
+    Returns {"kind": "image"|"video", "n", "correct": {attr: count, "all": count},
+    "accuracy": {attr: fraction, "all": fraction}, "samples": [{"caption", "measured", "wrong": [attrs]}]}.
+    """
+    if len(captions) != len(files):
+        raise ValueError(f"{len(captions)} captions but {len(files)} samples")
+    if not captions:
+        raise ValueError("no captions to evaluate")
+    targets = []
+    for i, text in enumerate(captions):
+        try:
+            targets.append(parse_caption(text))
+        except ValueError as err:
+            raise ValueError(f"caption line {i + 1}: {err}") from None
+    video = "direction" in targets[0]
+    if any(("direction" in t) != video for t in targets):
+        raise ValueError("the captions mix images and videos; evaluate them separately")
+    attrs = VIDEO_ATTRS if video else IMAGE_ATTRS
+    correct = Counter({k: 0 for k in (*attrs, "all")})
+    samples = []
+    for text, target, source in zip(captions, targets, files):
+        pixels = read_sample(Path(source)) if isinstance(source, (str, Path)) else np.asarray(source)
+        measured = measure_video(pixels) if video else measure_image(pixels)
+        wrong = [k for k in attrs if measured[k] != target[k]]
+        correct.update(k for k in attrs if k not in wrong)
+        correct["all"] += not wrong
+        samples.append(dict(caption=text, measured={k: measured[k] for k in attrs}, wrong=wrong))
+    n = len(captions)
+    return dict(kind="video" if video else "image", n=n, correct=dict(correct),
+                accuracy={k: v / n for k, v in correct.items()}, samples=samples)
+
+
+def make_captions(n: int, video: bool, seed: int) -> list[str]:
+    """n captions cycling through every colour x shape pair, each with a random size and position (image) or a
+    random direction (video)."""
+    rng = np.random.default_rng(seed)
+    pairs = itertools.cycle(itertools.product(COLORS, SHAPES))
+    if video:
+        return [f"a {c} {s} moving {rng.choice(DIRECTIONS)}" for c, s in itertools.islice(pairs, n)]
+    return [f"a {rng.choice(SIZES)} {c} {s} {rng.choice(POSITIONS)}" for c, s in itertools.islice(pairs, n)]
+
+
+def report(result: dict) -> str:
+    n, attrs = result["n"], VIDEO_ATTRS if result["kind"] == "video" else IMAGE_ATTRS
+    lines = [f"{result['kind']} samples: {n}"]
+    for k in (*attrs, "all"):
+        lines.append(f"  {k:<9} {result['accuracy'][k]:6.1%}  ({result['correct'][k]}/{n})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--captions", type=Path, help="caption file, one caption per line, as given to sample.py")
+    p.add_argument("--samples", type=Path, help="folder of <line index:05d>.png|.mp4 from sample.py --save_folder 1")
+    p.add_argument("--json", type=Path, help="also write the result here as JSON")
+    p.add_argument("--make_captions", type=Path, help="write a caption file covering every colour x shape pair")
+    p.add_argument("--video", type=int, default=0, help="with --make_captions: video captions")
+    p.add_argument("--n", type=int, default=None, help="with --make_captions: lines (default 90 images, 18 videos)")
+    p.add_argument("--seed", type=int, default=0, help="with --make_captions: seed of the sizes/positions/directions")
+    args = p.parse_args(argv)
+
+    if args.make_captions is not None:
+        n = args.n if args.n is not None else 18 if args.video else 90
+        if n < 1:
+            sys.exit(f"error: --n {n}: need at least one caption")
+        lines = make_captions(n, bool(args.video), args.seed)
+        args.make_captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"wrote {n} {'video' if args.video else 'image'} captions to {args.make_captions}")
+        return
+    if args.captions is None or args.samples is None:
+        sys.exit("error: give --captions FILE.txt and --samples DIR (or --make_captions FILE.txt)")
+    if not args.captions.is_file():
+        sys.exit(f"error: --captions {args.captions}: no such file")
+    captions = [line.strip() for line in args.captions.read_text(encoding="utf-8").splitlines()]
+    while captions and not captions[-1]:  # a trailing newline is not a caption
+        captions.pop()
+    for i, text in enumerate(captions):
+        try:
+            parse_caption(text)
+        except ValueError as err:
+            sys.exit(f"error: {args.captions} line {i + 1}: {err}")
+    try:
+        result = evaluate(captions, sample_files(captions, args.samples))
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    print(report(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
