@@ -46,13 +46,17 @@ def parse_caption(text: str) -> dict:
     return attrs
 
 
-def largest_blob(pixels: np.ndarray) -> np.ndarray:
-    """Mask (H, W) of the largest 4-connected region of clearly non-white pixels (all False on a blank image)."""
-    ink = (255 - pixels.astype(np.int16)).max(-1) > INK
-    seen = np.zeros_like(ink)
+def ink(pixels: np.ndarray) -> np.ndarray:
+    """(H, W): how far each pixel is from white, as its largest channel distance from 255."""
+    return (255 - pixels.astype(np.int16)).max(-1)
+
+
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (H, W); all False when the mask is."""
+    seen = np.zeros_like(mask)
     best = []
-    h, w = ink.shape
-    for start in zip(*np.nonzero(ink)):
+    h, w = mask.shape
+    for start in zip(*np.nonzero(mask)):
         if seen[start]:
             continue
         seen[start] = True
@@ -61,28 +65,48 @@ def largest_blob(pixels: np.ndarray) -> np.ndarray:
             y, x = queue.popleft()
             blob.append((y, x))
             for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and ink[ny, nx] and not seen[ny, nx]:
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     queue.append((ny, nx))
         if len(blob) > len(best):
             best = blob
-    mask = np.zeros_like(ink)
+    out = np.zeros_like(mask)
     if best:
-        mask[tuple(np.array(best).T)] = True
-    return mask
+        out[tuple(np.array(best).T)] = True
+    return out
+
+
+def shape_mask(pixels: np.ndarray) -> np.ndarray:
+    """Mask (H, W) of the shape in an image (H, W, 3) uint8: the largest blob of clearly non-white pixels, cut at
+    half its typical ink so that edges smeared by blur or video compression count as half in, half out."""
+    amount = ink(pixels)
+    blob = largest_blob(amount > INK)
+    if not blob.any():
+        return blob
+    return largest_blob(blob & (amount > 0.5 * np.percentile(amount[blob], 90)))
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """The named colour closest to `rgb`, or to any mix of it with white (a faded or blurred shape)."""
+    def distance(name):
+        c = np.array(COLORS[name], np.float64)
+        a = np.clip(np.dot(255 - rgb, 255 - c) / np.dot(255 - c, 255 - c), 0, 1)  # how much of c, against white
+        return np.sum((rgb - (255 + a * (c - 255))) ** 2)
+    return min(COLORS, key=distance)
 
 
 def measure_image(pixels: np.ndarray) -> dict:
     """Attributes of the shape in one image (H, W, 3) uint8: color, shape, size, position, and its centre (x, y) in
     pixels. Every value is None when the image holds no shape."""
-    mask = largest_blob(pixels)
+    mask = shape_mask(pixels)
     if not mask.any():
         return dict(color=None, shape=None, size=None, position=None, center=None)
     side, unit = pixels.shape[1], pixels.shape[1] / 32
     ys, xs = np.nonzero(mask)
     w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-    median = np.median(pixels[mask].astype(np.float64), axis=0)
-    color = min(COLORS, key=lambda c: np.sum((median - COLORS[c]) ** 2))
+    amount = ink(pixels)[mask]
+    core = pixels[mask][amount >= np.median(amount)]  # the inner half: edges are mixed with the background
+    color = nearest_color(np.median(core.astype(np.float64), axis=0))
     fill = mask.sum() / (w * h)
     shape = "square" if fill > SQUARE_FILL else "circle" if fill > TRIANGLE_FILL else "triangle"
     size = "large" if max(w, h) > unit * (_SIZE_PX["small"] + _SIZE_PX["large"]) / 2 else "small"

@@ -1,0 +1,182 @@
+"""scripts/eval_shapes.py: the measurements read back every attribute that render_shape drew (also under noise),
+captions round-trip through the grammar, the CLI pairs line i with file i and counts each attribute, and bad input
+ends in one error line."""
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, ShapesDataset, render_shape, shape_caption
+from scripts.eval_shapes import evaluate, make_captions, measure_image, measure_video, parse_caption
+from utils.media import save_video
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_shapes.py"
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+def noisy(pixels: np.ndarray, rng: np.random.Generator, std: float = 10) -> np.ndarray:
+    return np.clip(pixels + rng.normal(0, std, pixels.shape), 0, 255).astype(np.uint8)
+
+
+def image_cases(repeats: int, seed: int = 0):
+    """Every colour x shape x size x position, each at `repeats` random offsets inside its region."""
+    rng = np.random.default_rng(seed)
+    for color, shape, size, position in itertools.product(COLORS, SHAPES, SIZES, POSITIONS):
+        for _ in range(repeats):
+            yield dict(color=color, shape=shape, size=size, position=position, offset=tuple(rng.random(2)))
+
+
+def accuracy(cases, measure, render, keys) -> dict:
+    hits = dict.fromkeys(keys, 0)
+    for n, attrs in enumerate(cases, 1):
+        measured = measure(render(attrs))
+        for k in keys:
+            hits[k] += measured[k] == attrs[k]
+    return {k: v / n for k, v in hits.items()}
+
+
+IMAGE_KEYS = ("color", "shape", "size", "position")
+VIDEO_KEYS = ("color", "shape", "direction")
+
+
+def test_parse_caption_inverts_shape_caption_and_rejects_the_rest():
+    for color, shape, size, position in itertools.product(COLORS, SHAPES, SIZES, POSITIONS):
+        attrs = dict(color=color, shape=shape, size=size, position=position)
+        assert parse_caption(shape_caption(**attrs)) == attrs
+    for color, shape, direction in itertools.product(COLORS, SHAPES, DIRECTIONS):
+        attrs = dict(color=color, shape=shape, direction=direction)
+        assert parse_caption(shape_caption(size="small", **attrs)) == attrs
+    for bad in ["a small red circle", "a huge red circle left", "a small pink circle left", "a small red star left",
+                "a small red circle middle", "a red circle moving sideways", "the small red circle left", ""]:
+        with pytest.raises(ValueError):
+            parse_caption(bad)
+
+
+@pytest.mark.parametrize("img_size, repeats", [(32, 4), (64, 1)])
+def test_clean_renders_are_measured_exactly(img_size, repeats):
+    acc = accuracy(image_cases(repeats), measure_image,
+                   lambda a: render_shape(**a, img_size=img_size), IMAGE_KEYS)
+    assert acc == dict.fromkeys(IMAGE_KEYS, 1.0)
+
+
+def test_noisy_renders_are_measured_right():
+    rng = np.random.default_rng(1)
+    acc = accuracy(image_cases(2, seed=1), measure_image, lambda a: noisy(render_shape(**a), rng), IMAGE_KEYS)
+    assert min(acc.values()) >= 0.99, acc  # 100% measured on 360 renders at std 10
+
+
+def test_videos_are_measured_right_clean_and_noisy():
+    rng = np.random.default_rng(2)
+    cases = [dict(color=c, shape=s, size=z, direction=d, offset=tuple(rng.random(2)))
+             for c, s, z, d in itertools.product(COLORS, SHAPES, SIZES, DIRECTIONS)]
+    clean = accuracy(cases, measure_video, lambda a: render_shape(**a, frames=6), VIDEO_KEYS)
+    assert clean == dict.fromkeys(VIDEO_KEYS, 1.0)
+    noise = accuracy(cases, measure_video, lambda a: noisy(render_shape(**a, frames=6), rng), VIDEO_KEYS)
+    assert min(noise.values()) >= 0.99, noise
+
+
+def test_blank_image_measures_nothing_and_counts_as_wrong():
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    assert measure_image(blank)["shape"] is None
+    result = evaluate(["a small red circle left"], [blank])
+    assert result["accuracy"] == dict.fromkeys([*IMAGE_KEYS, "all"], 0.0)
+
+
+def test_evaluate_rejects_mixed_image_and_video_captions():
+    pixels = render_shape("red", "circle", "small", "left")
+    with pytest.raises(ValueError, match="mix"):
+        evaluate(["a small red circle left", "a red circle moving up"], [pixels, pixels])
+
+
+def write_images(folder: Path, attrs_list: list[dict]):
+    folder.mkdir(exist_ok=True)
+    for i, attrs in enumerate(attrs_list):
+        Image.fromarray(render_shape(**attrs)).save(folder / f"{i:05d}.png")
+
+
+def test_cli_scores_matching_samples_1_and_swapped_ones_by_attribute(tmp_path):
+    data = ShapesDataset(40, seed=3)
+    attrs = [data.attributes(i) for i in range(len(data))]
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(shape_caption(**a) for a in attrs) + "\n")
+    write_images(tmp_path / "good", attrs)
+    out = run_cli("--captions", captions, "--samples", tmp_path / "good", "--json", tmp_path / "good.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "good.json").read_text())
+    assert result["n"] == 40 and result["accuracy"] == dict.fromkeys([*IMAGE_KEYS, "all"], 1.0)
+    assert "all" in out.stdout and "100.0%" in out.stdout
+
+    # Every other sample drawn in another colour: colour and "all" fall to one half, the rest stay right.
+    others = list(COLORS)
+    swapped = [dict(a, color=others[(others.index(a["color"]) + 1) % len(others)]) if i % 2 else a
+               for i, a in enumerate(attrs)]
+    write_images(tmp_path / "swapped", swapped)
+    out = run_cli("--captions", captions, "--samples", tmp_path / "swapped", "--json", tmp_path / "swapped.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "swapped.json").read_text())
+    assert result["accuracy"] == dict(color=0.5, shape=1.0, size=1.0, position=1.0, all=0.5)
+    assert result["correct"]["all"] == 20
+    assert [s["wrong"] for s in result["samples"][:2]] == [[], ["color"]]
+
+
+def test_cli_reads_mp4_videos(tmp_path):
+    cases = [dict(color=c, shape=s, size="large", direction=d, offset=(0.5, 0.5))
+             for (c, s), d in zip(itertools.product(("red", "blue", "green"), SHAPES), itertools.cycle(DIRECTIONS))]
+    for i, attrs in enumerate(cases):
+        frames = torch.from_numpy(render_shape(**attrs, frames=6)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_video(frames, tmp_path / f"{i:05d}.mp4", fps=8)
+    captions = tmp_path / "video.txt"
+    captions.write_text("\n".join(shape_caption(**a) for a in cases))
+    out = run_cli("--captions", captions, "--samples", tmp_path, "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["kind"] == "video" and result["accuracy"] == dict.fromkeys([*VIDEO_KEYS, "all"], 1.0)
+
+
+@pytest.mark.parametrize("video, n", [(0, None), (1, 24)])
+def test_make_captions_covers_every_colour_and_shape(tmp_path, video, n):
+    path = tmp_path / "c.txt"
+    out = run_cli("--make_captions", path, "--video", video, *(["--n", n] if n else []))
+    assert out.returncode == 0, out.stderr
+    lines = path.read_text().splitlines()
+    assert len(lines) == (n or (18 if video else 90))
+    parsed = [parse_caption(line) for line in lines]
+    assert all(("direction" in p) == bool(video) for p in parsed)
+    assert {(p["color"], p["shape"]) for p in parsed} == set(itertools.product(COLORS, SHAPES))
+    varied = "direction" if video else "position"
+    assert len({p[varied] for p in parsed}) > 2  # drawn at random, not one fixed value
+    assert make_captions(20, bool(video), seed=5) == make_captions(20, bool(video), seed=5)
+
+
+def assert_one_error_line(out: subprocess.CompletedProcess, *needles):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_cli_errors_name_the_missing_file_and_the_bad_line(tmp_path):
+    attrs = [ShapesDataset(5, seed=4).attributes(i) for i in range(5)]
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(shape_caption(**a) for a in attrs))
+    write_images(tmp_path / "s", attrs)
+    (tmp_path / "s" / "00003.png").unlink()
+    (tmp_path / "s" / "00004.png").unlink()
+    assert_one_error_line(run_cli("--captions", captions, "--samples", tmp_path / "s"), "00003.png")
+
+    lines = [shape_caption(**a) for a in attrs]
+    lines[2] = "a big red circle left"
+    captions.write_text("\n".join(lines))
+    assert_one_error_line(run_cli("--captions", captions, "--samples", tmp_path / "s"), "line 3", "big")
+    assert_one_error_line(run_cli("--captions", tmp_path / "none.txt", "--samples", tmp_path / "s"), "none.txt")
