@@ -121,7 +121,8 @@ class Step:
             for group in self.opt_denoiser.param_groups:
                 group["lr"] = learning_rate(step, args.denoiser_lr, 1e-6, warmup, total)
         parts = [self.micro_step(b, i == len(batches) - 1) for i, b in enumerate(batches)]
-        metrics = {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
+        shared = [k for k in parts[0] if all(k in p for p in parts)]  # a non-finite part stops before the denoiser
+        metrics = {k: sum(float(p[k]) for p in parts) / len(parts) for k in shared}
         finite = metrics.pop("finite") == 1.0  # a non-finite loss on any rank skips the step on all
         optimizers = [o for o in (self.opt, self.opt_denoiser) if o is not None]
         if finite and self.scaler.is_enabled():
