@@ -126,7 +126,6 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--aspect_ratio", choices=["random"] + ASPECT_RATIOS, default="1:1")
     g.add_argument("--out_fps", type=int, default=8)
     g.add_argument("--seed", type=int, default=191)
-    g.add_argument("--num_samples", type=int, default=50000)
     g.add_argument("--sample_batch_size", type=int, default=16)
     g.add_argument("--cfg", type=float, default=5, help="guidance weight")
     g.add_argument("--guide_top", type=int, default=None)
