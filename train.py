@@ -10,7 +10,7 @@ configuration, for sample.py), samples/, and metrics.jsonl with one line per opt
 import dataclasses
 import json
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -147,23 +147,18 @@ def _is_ddp(net):
     return isinstance(net, torch.nn.parallel.DistributedDataParallel)
 
 
+@contextmanager
 def _no_sync(net):
     """Gradient accumulation without communication until the last micro-batch (DDP or FSDP2)."""
     if _is_ddp(net):
-        return net.no_sync()
+        with net.no_sync():
+            yield
+        return
     net.set_requires_gradient_sync(False)
-    return _RestoreSync(net)
-
-
-class _RestoreSync:
-    def __init__(self, net):
-        self.net = net
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.net.set_requires_gradient_sync(True)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
 
 
 def _grad_norm(params, clip: float) -> float:

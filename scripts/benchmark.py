@@ -127,16 +127,16 @@ def config_benchmark(args, device):
     a sliding window of the trained length and with full attention, and reports the deep block's KV-cache memory
     (what grows with the length) and, on CUDA, the peak allocated memory."""
     from utils.config import GROUPS, build_parser, parse_config
-    from utils.model_setup import setup_transformer, text_width, vae_downsample_factor
+    from dataset import parse_vid_size
+    from utils.model_setup import setup_transformer, text_width, vae_downsample_factors
 
     cfg = parse_config(build_parser(*GROUPS), ["--model_config_path", str(args.config)])
-    factor = vae_downsample_factor(cfg.vae) if cfg.vae else 1
-    temporal = 4 if cfg.vae and "wan" in cfg.vae.lower() else 1
+    factor, temporal = vae_downsample_factors(cfg.vae) if cfg.vae else (1, 1)
     txt_dim = text_width(cfg.text) if cfg.text else 0
     torch.manual_seed(0)
     model = randomize_weights(setup_transformer(cfg, txt_dim, factor), 0, args.weight_scale).to(device)
     side = cfg.img_size // factor
-    frames = (int(cfg.vid_size.split(":")[0]) - 1) // temporal + 1 if cfg.vid_size else 0
+    frames = (parse_vid_size(cfg.vid_size)[0] - 1) // temporal + 1 if cfg.vid_size else 0
     shape = (frames, cfg.channel_size, side, side) if frames else (cfg.channel_size, side, side)
     g = torch.Generator().manual_seed(0)
     text = lambda n: torch.randn(n, cfg.txt_size, txt_dim, generator=g).to(device) if txt_dim else None

@@ -79,13 +79,13 @@ def test_components_resolve_from_local_files(tmp_path, capsys):
     """Widths and factors come from local configs; --components 1 loads the text encoder and the VAE by path."""
     from diffusers import AutoencoderKL
 
-    from utils.model_setup import main, text_width, vae_downsample_factor
+    from utils.model_setup import main, text_width, vae_downsample_factors
     from utils.text import minilm_path
 
     vae_dir = tmp_path / "tiny-vae"
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4).save_pretrained(vae_dir)
-    assert text_width(str(minilm_path())) == 384 and vae_downsample_factor(str(vae_dir)) == 2
+    assert text_width(str(minilm_path())) == 384 and vae_downsample_factors(str(vae_dir)) == (2, 1)
     main(["--text", str(minilm_path()), "--vae", str(vae_dir), "--components", "1", "--txt_size", "8",
           "--channel_size", "4", "--img_size", "16", "--layers_per_block", "1", "1", "--channels", "64",
           "--cond_top_only", "1", "--sos", "1"])

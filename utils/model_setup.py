@@ -17,9 +17,9 @@ from utils.hub import PretrainedNotFound, resolve_pretrained
 # Shapes of the pretrained components the official configurations name, for building without their weights.
 KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096, "google/flan-t5-large": 1024,
                      "google/flan-t5-base": 768, "sentence-transformers/all-MiniLM-L6-v2": 384}
-KNOWN_VAE_FACTORS = {"stabilityai/sd-vae-ft-ema": 8, "stabilityai/sd-vae-ft-mse": 8, "stabilityai/sdxl-vae": 8,
-                     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": 16, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 8,
-                     "Wan-AI/Wan2.1-T2V-14B-Diffusers": 8}
+KNOWN_VAE_FACTORS = {"stabilityai/sd-vae-ft-ema": (8, 1), "stabilityai/sd-vae-ft-mse": (8, 1),
+                     "stabilityai/sdxl-vae": (8, 1), "Wan-AI/Wan2.2-TI2V-5B-Diffusers": (16, 4),
+                     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": (8, 4), "Wan-AI/Wan2.1-T2V-14B-Diffusers": (8, 4)}
 
 
 def _local_config(name: str, *subfolders: str) -> dict | None:
@@ -44,14 +44,15 @@ def text_width(name: str) -> int:
     raise ConfigError(f"--text {name}: its width is unknown without its files (provide them locally)")
 
 
-def vae_downsample_factor(name: str) -> int:
-    """Spatial downsampling of a VAE (the `:scale` suffix ignored), from its local config or the known ones."""
+def vae_downsample_factors(name: str) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of a VAE (the `:scale` suffix ignored), from its local config or the known
+    ones, without loading it."""
     from utils.vae import downsample_factors, split_scale
 
     base, _ = split_scale(name)
     config = _local_config(base, "vae")
     if config is not None:
-        return downsample_factors(config.get("_class_name"), config)[0]
+        return downsample_factors(config.get("_class_name"), config)
     if base in KNOWN_VAE_FACTORS:
         return KNOWN_VAE_FACTORS[base]
     raise ConfigError(f"--vae {name}: its downsampling factor is unknown without its files (provide them locally)")
@@ -80,7 +81,7 @@ def setup_transformer(args, txt_dim: int | None = None, downsample_factor: int |
     if txt_dim is None:
         txt_dim = text_width(args.text) if args.text else 0
     if downsample_factor is None:
-        downsample_factor = vae_downsample_factor(args.vae) if args.vae else 1
+        downsample_factor = vae_downsample_factors(args.vae)[0] if args.vae else 1
     return Model(**model_kwargs(args, txt_dim, downsample_factor))
 
 
@@ -113,13 +114,13 @@ def load_weights(model: Model, path) -> None:
     if path.is_dir():
         import torch.distributed.checkpoint as dcp
 
-        from utils.training import _quiet_dcp
+        from utils.training import quiet_dcp
 
         key = "ema" if any(k.startswith("ema.") for k in dcp.FileSystemReader(str(path)).read_metadata()
                            .state_dict_metadata) else "model"
         state = {key: {k: v.clone() for k, v in model.state_dict().items()}}
         try:
-            with _quiet_dcp():
+            with quiet_dcp():
                 dcp.load(state, checkpoint_id=str(path))
         except Exception as err:
             raise ValueError(f"checkpoint {path} does not fit the model: {str(err).splitlines()[0][:500]}") from None

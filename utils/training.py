@@ -187,7 +187,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizers, ema, extra: dict
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     procs.barrier()
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.save(train_state(model, optimizers, ema), checkpoint_id=str(tmp))
     torch.save(extra, tmp / f"extra-rank{procs.rank:05d}.pt")
     procs.barrier()
@@ -202,7 +202,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizers, ema, extra: dict
 
 
 @contextlib.contextmanager
-def _quiet_dcp():
+def quiet_dcp():
     """DCP logs the tracebacks of errors it then raises, and warns about single-process use: keep both to ourselves."""
     logger = logging.getLogger("torch.distributed.checkpoint")
     level, logger.level = logger.level, logging.CRITICAL
@@ -227,7 +227,7 @@ def load_checkpoint(path: Path, model, optimizers, ema, procs: Processes) -> dic
         dcp.FileSystemReader(str(path)).read_metadata()
         extra = torch.load(extra_file, map_location="cpu", weights_only=False)
         state = train_state(model, optimizers, ema)
-        with _quiet_dcp():
+        with quiet_dcp():
             dcp.load(state, checkpoint_id=str(path))
     except Exception as err:  # truncated or foreign files: the path is what the user needs
         raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
