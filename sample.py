@@ -128,7 +128,7 @@ def main(argv=None):
     latent_frames = (frames - 1) // temporal + 1 if frames > 1 else 1
     if args.input_image and frames == 1:
         raise ConfigError("--input_image (image-to-video) needs a video model (--vid_size)")
-    out_fps = args.out_fps if args.fps_cond or not fps else fps
+    out_fps = args.out_fps or fps or 8
     noise_std = args.target_noise_std if args.target_noise_std is not None else args.noise_std
     guidance = args.cfg if text is not None else 0.0
 
@@ -150,7 +150,7 @@ def main(argv=None):
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
                              for i in idx]).to(procs.device)
         batch = [captions[i] for i in idx]
-        wrap = dict(aspect_ratio=ratio, fps=args.out_fps if args.fps_cond else None,
+        wrap = dict(aspect_ratio=ratio, fps=out_fps if args.fps_cond else None,
                     noise_std=noise_std if args.cond_noise_level else None)
         y = y_cond = None
         if text is not None:

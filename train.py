@@ -21,6 +21,7 @@ from dataset import build_loader
 from transformer_flow import bits_per_dim
 from utils.config import (RUN_KEYS, ConfigError, add_data_args, add_model_args, add_sampling_args,
                           add_training_args, build_parser, parse_config, run_cli)
+from utils.hub import local_path
 from utils.media import save_image, save_video
 from utils.model_setup import load_weights, setup_transformer
 from utils.text import encode_text, setup_encoder
@@ -44,9 +45,12 @@ def add_run_args(p):
     g.add_argument("--wandb", type=int, default=0, help="log to Weights & Biases (WANDB_MODE=offline works)")
     g.add_argument("--export_name", type=str, default="model.safetensors",
                    help="consolidated weights in the logdir: .safetensors (with the config) or .pth (official)")
+    g.add_argument("--export_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="precision of the exported weights (fp16: half the size; loading casts back)")
 
 
 GROUPS = (add_model_args, add_data_args, add_training_args, add_sampling_args, add_run_args)
+EXPORT_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Step:
@@ -214,12 +218,18 @@ def main(argv=None):
     factor = vae.downsample_factor if vae is not None else 1
     model = setup_transformer(args, text[1].config.hidden_size if text else 0, factor).to(procs.device)
     loader = build_loader(args, procs.rank, procs.world_size, factor * args.patch_size, args.num_workers)
-    resume = Path(args.resume_path) if args.resume_path else latest_checkpoint(logdir / "checkpoints")
-    if resume is not None and resume.is_file():  # a weights file (e.g. an official .pth): initialise, start at 0
-        load_weights(model, resume)
-        if procs.main:
-            print(f"initialised the weights from {resume}; a new run starts at step 0")
-        resume = None
+    latest = latest_checkpoint(logdir / "checkpoints")
+    resume = local_path(args.resume_path) if args.resume_path else latest
+    if resume is not None and resume.is_file():  # a weights file (e.g. an official .pth) initialises a new run
+        if latest is not None:  # ... but a run under way in the logdir goes on from where it stopped
+            if procs.main:
+                print(f"--resume_path {resume} only initialises a new run; {logdir} holds one under way")
+            resume = latest
+        else:
+            load_weights(model, resume)
+            if procs.main:
+                print(f"initialised the weights from {resume}; a new run starts at step 0")
+            resume = None
     net = parallelize(model, procs, bool(args.fsdp), bf16=precision == "bf16")
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("learnable_self_denoiser")],
@@ -264,7 +274,7 @@ def main(argv=None):
                  "rng": {"torch": torch.get_rng_state(), "generator": step_fn.generator.get_state(),
                          "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}}
         path = save_checkpoint(logdir / "checkpoints", step, net, optimizers, ema, extra, procs, args.keep_checkpoints)
-        export_weights(net, logdir / args.export_name, procs, ema, run)
+        export_weights(net, logdir / args.export_name, procs, ema, run, EXPORT_DTYPES[args.export_dtype])
         if procs.main:
             print(f"checkpoint: {path}; weights for sampling: {logdir / args.export_name}")
 

@@ -126,6 +126,22 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
 
 
+def test_weights_file_initialises_a_new_run_and_an_interrupted_one_goes_on(tmp_path):
+    """--resume_path WEIGHTS starts a new run from those weights (as the video demo model starts from the image
+    one); run again on the same logdir, the run under way goes on from its newest checkpoint instead."""
+    out = run("train.py", *TINY, "--logdir", str(tmp_path / "base"), "--max_steps", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    weights, tuned = tmp_path / "base" / "model.safetensors", tmp_path / "tuned"
+    out = run("train.py", *TINY, "--logdir", str(tuned), "--max_steps", "2", "--resume_path", str(weights))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"initialised the weights from {weights}" in out.stdout
+    assert metrics(tuned)[0]["loss"] != metrics(tmp_path / "base")[0]["loss"]  # same seed: only the weights differ
+    out = run("train.py", *TINY, "--logdir", str(tuned), "--max_steps", "3", "--resume_path", str(weights))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resuming from {tuned / 'checkpoints' / 'step-00000002'} at step 2" in out.stdout
+    assert [m["step"] for m in metrics(tuned)] == [1, 2, 3]
+
+
 def test_torchrun_fsdp_trains_writes_a_checkpoint_and_resumes(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     argv = [*TINY, "--logdir", str(tmp_path), "--fsdp", "1", "--fsdp_text_encoder", "1", "--max_steps", "2",
@@ -210,3 +226,25 @@ def test_drop_image_trains_on_the_clip_without_its_first_frame(tmp_path):
     assert latents.shape[1] == x.shape[1] - 1 and y.shape[0] == x.shape[0]
     assert seen and all(c.startswith("(extend) ") for c in seen)
     assert out["skipped"] == 0 and math.isfinite(out["loss"])
+
+
+def test_half_precision_export_halves_the_file_and_loads_back(tmp_path):
+    """--export_dtype fp16 stores every weight rounded to fp16 (half the bytes, the config kept); loading casts them
+    back into an fp32 model exactly."""
+    from transformer_flow import Model
+    from utils.model_setup import load_weights, stored_metadata
+    from utils.training import Processes, export_weights
+
+    torch.manual_seed(0)
+    model = Model(in_channels=3, img_size=8, patch_size=2, channels=32, head_dim=32, num_blocks=2,
+                  layers_per_block=[1, 1], txt_size=4, txt_dim=16, sos=1)
+    procs = Processes(device=torch.device("cpu"))
+    export_weights(model, tmp_path / "fp32.safetensors", procs)
+    export_weights(model, tmp_path / "fp16.safetensors", procs, dtype=torch.float16)
+    sizes = [(tmp_path / f"{name}.safetensors").stat().st_size for name in ("fp32", "fp16")]
+    assert 0.45 < sizes[1] / sizes[0] < 0.55
+    assert stored_metadata(tmp_path / "fp16.safetensors")["config"]["channels"] == 32
+    loaded = Model(model.config)
+    load_weights(loaded, tmp_path / "fp16.safetensors")
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        assert q.dtype == torch.float32 and torch.equal(q, p.detach().half().float()), name

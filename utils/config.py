@@ -124,7 +124,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--caption", type=str, default=None, help="a caption, or a .txt file with one per line")
     g.add_argument("--input_image", type=str, default=None, help="first frame for image-to-video")
     g.add_argument("--aspect_ratio", choices=["random"] + ASPECT_RATIOS, default="1:1")
-    g.add_argument("--out_fps", type=int, default=8)
+    g.add_argument("--out_fps", type=int, default=None,
+                   help="frame rate of the videos (and of the prompt with --fps_cond); default: that of --vid_size, else 8")
     g.add_argument("--seed", type=int, default=191)
     g.add_argument("--sample_batch_size", type=int, default=16)
     g.add_argument("--cfg", type=float, default=5, help="guidance weight")

@@ -9,6 +9,18 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def local_path(name: str | os.PathLike) -> Path:
+    """`name` as a local path: as given if it exists, else relative to the repository (so the bundled models'
+    `ckpts/...` paths work from any directory), else as given."""
+    path = Path(os.path.expanduser(str(name)))
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
 class PretrainedNotFound(RuntimeError):
     """A named pretrained model is neither a local path, in the local cache, nor downloadable."""
 
@@ -32,7 +44,7 @@ def resolve_pretrained(name: str | os.PathLike, what: str = "model", allow_patte
     `download=False` only looks locally.
     Raises PretrainedNotFound, naming the model and how to provide it, when it cannot be had.
     """
-    path = Path(os.path.expanduser(str(name)))
+    path = local_path(name)
     if path.exists():
         return path
     name = str(name)

@@ -235,17 +235,21 @@ def load_checkpoint(path: Path, model, optimizers, ema, procs: Processes) -> dic
     return extra
 
 
-def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, run: dict | None = None):
+def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, run: dict | None = None,
+                   dtype: torch.dtype | None = None):
     """Consolidated weights (the EMA's if given) in one file: safetensors with the model configuration and the `run`
     flags (utils.config.RUN_KEYS) in its metadata, or, for a `.pth` path, a plain state dict as the official code
-    loads it.  Every rank takes part in gathering sharded
-    tensors; rank 0 writes (atomically)."""
+    loads it.  `dtype` (e.g. torch.float16) stores floating-point tensors at that precision: half the bytes, and
+    loading casts them back to the model's dtype.  Every rank takes part in gathering sharded tensors; rank 0 writes
+    (atomically)."""
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
 
     tensors = ema.params if ema is not None else unwrap(model).state_dict()
     full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
             for k, v in tensors.items()}
+    if dtype is not None:
+        full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
     if procs.main:
         meta = {"config": json.dumps(dataclasses.asdict(unwrap(model).config)), "run": json.dumps(run or {})}
         tmp = path.with_name(path.name + ".tmp")

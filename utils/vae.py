@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLWan
 
-from utils.hub import resolve_pretrained
+from utils.hub import local_path, resolve_pretrained
 
 _CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLWan": AutoencoderKLWan}
 # The VAE's own files, at the root of a VAE repository or under vae/ of a pipeline repository: never a pipeline's
@@ -129,7 +129,7 @@ class LatentVAE(torch.nn.Module):
         `vae.` (as saved from this wrapper). Strict for the keys present: an unknown key or a shape mismatch raises a
         ValueError before any weight is changed.
         """
-        path = Path(path)
+        path = local_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"fine-tuned VAE weights '{path}': no such file")
         try:

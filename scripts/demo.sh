@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The first minutes with STARFlow: set up .venv (if missing), then sample the two small models bundled in ckpts/
+# (text -> MiniLM -> flow -> shapes autoencoder's decoder): a grid of images and a video, both from captions.
+#
+#   bash scripts/demo.sh [OUTDIR]      # default: outputs/ in the repository
+#
+# Nothing is downloaded but the Python packages of the first run; the models, the autoencoder and the text encoder
+# (all-MiniLM-L6-v2, a PyPI package) are local.
+set -euo pipefail
+out=$(realpath -m "${1:-$(dirname "$0")/../outputs}")
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
+mkdir -p "$out"
+
+cat > "$out/image_captions.txt" <<'EOF'
+a large red circle center
+a small blue square left
+a large green triangle top
+a small yellow circle right
+a large purple square bottom
+a small orange triangle center
+a large blue circle left
+a small red square top
+a large yellow triangle right
+a small green circle bottom
+a large orange square center
+a small purple triangle left
+EOF
+cat > "$out/video_captions.txt" <<'EOF'
+a red circle moving right
+a blue square moving down
+a green triangle moving left
+a yellow circle moving up
+EOF
+
+echo "== text to image: 12 captions, one grid"
+python sample.py --checkpoint_path ckpts/starflow_shapes_t2i_32x32.safetensors \
+    --caption "$out/image_captions.txt" --sample_batch_size 12 --logdir "$out"
+echo "== text to video: 4 captions, one video of a 2x2 grid (4 frames at 4 fps)"
+python sample.py --checkpoint_path ckpts/starflow-v_shapes_t2v_32x32.safetensors \
+    --caption "$out/video_captions.txt" --sample_batch_size 4 --logdir "$out"
+
+echo
+echo "demo outputs (captions in reading order, left to right, top to bottom):"
+echo "  images:  $out/starflow_shapes_t2i_32x32/image_captions-00000.png   ($out/image_captions.txt)"
+echo "  video:   $out/starflow-v_shapes_t2v_32x32/video_captions-00000.mp4   ($out/video_captions.txt)"
