@@ -3,6 +3,7 @@
 Image VAEs (SD-VAE, SDXL-VAE: `AutoencoderKL`) and video VAEs (Wan2.1, Wan2.2: `AutoencoderKLWan`) share one wrapper,
 so the rest of the code sees one layout: images (B, C, H, W) and videos (B, T, C, H, W).
 """
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -167,7 +168,10 @@ def setup_vae(name: str, finetuned: str | os.PathLike | None = None, device="cpu
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if class_name not in _CLASSES:
         raise ValueError(f"VAE '{name}' is a {class_name}; supported: {', '.join(_CLASSES)}")
-    vae = LatentVAE(_CLASSES[class_name].from_pretrained(folder, torch_dtype=dtype), temporal_scale)
+    # Low-memory loading needs accelerate; without it diffusers falls back with a warning, so ask only when it is there.
+    low_memory = importlib.util.find_spec("accelerate") is not None
+    vae = LatentVAE(_CLASSES[class_name].from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=low_memory),
+                    temporal_scale)
     if finetuned not in (None, "none"):
         vae.load_finetuned(finetuned)
     return vae.to(device)
