@@ -50,7 +50,7 @@ def add_run_args(p):
 
 
 GROUPS = (add_model_args, add_data_args, add_training_args, add_sampling_args, add_run_args)
-EXPORT_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --precision, --export_dtype
 
 
 class Step:
@@ -60,8 +60,8 @@ class Step:
         self.args, self.net, self.model, self.vae, self.text = args, net, model, vae, text
         self.opt, self.opt_denoiser = optimizers
         self.ema, self.procs = ema, procs
-        self.autocast = dict(device_type=procs.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}
-                             .get(precision, torch.float32), enabled=precision != "fp32")
+        self.autocast = dict(device_type=procs.device.type, dtype=DTYPES[precision],
+                             enabled=precision != "fp32")
         self.scaler = torch.amp.GradScaler(enabled=precision == "fp16" and args.loss_scaling)
         self.generator = torch.Generator(procs.device).manual_seed((args.train_seed or 0) * 1000 + procs.rank)
         self.flow_params = [p for n, p in model.named_parameters() if not n.startswith("learnable_self_denoiser")]
@@ -274,7 +274,7 @@ def main(argv=None):
                  "rng": {"torch": torch.get_rng_state(), "generator": step_fn.generator.get_state(),
                          "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}}
         path = save_checkpoint(logdir / "checkpoints", step, net, optimizers, ema, extra, procs, args.keep_checkpoints)
-        export_weights(net, logdir / args.export_name, procs, ema, run, EXPORT_DTYPES[args.export_dtype])
+        export_weights(net, logdir / args.export_name, procs, ema, run, DTYPES[args.export_dtype])
         if procs.main:
             print(f"checkpoint: {path}; weights for sampling: {logdir / args.export_name}")
 
