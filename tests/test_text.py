@@ -1,10 +1,12 @@
 """Text conditioning: the official prompt wording, exact token counts, zeroed padding, and the real loading code on
 a tiny T5 (saved and loaded by path) and on the all-MiniLM-L6-v2 package."""
 import time
+import warnings
 
 import pytest
 import torch
 
+from utils import text
 from utils.hub import PretrainedNotFound
 from utils.text import encode_text, minilm_path, preprocess_text, setup_encoder
 
@@ -35,12 +37,14 @@ def tiny_t5(tmp_path_factory):
     return path
 
 
-def test_t5_encoder_loads_by_path_and_encodes(tiny_t5):
+def test_t5_encoder_loads_by_path_and_encodes(tiny_t5, monkeypatch):
+    monkeypatch.setattr(text, "_cut_warned", False)  # the cut-caption warning is given once per process
     tokenizer, encoder = setup_encoder(str(tiny_t5))
     assert type(encoder).__name__ == "T5EncoderModel" and encoder.config.hidden_size == 32
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
     captions = ["a small red circle", "", "x" * 100]
-    y = encode_text(encoder, tokenizer, captions, 48, fps=16)
+    with pytest.warns(UserWarning, match=r"cut to txt_size=48 tokens: 'A video with 16 fps:\\nxxx.* has 1\d\d "):
+        y = encode_text(encoder, tokenizer, captions, 48, fps=16)
     assert y.shape == (3, 48, 32)
     tokens = tokenizer(preprocess_text(captions, fps=16), padding="max_length", truncation=True, max_length=48,
                        return_tensors="pt")
@@ -49,6 +53,14 @@ def test_t5_encoder_loads_by_path_and_encodes(tiny_t5):
     assert (y[~mask] == 0).all() and (y[mask].abs().sum(-1) > 0).all()
     reference = encoder(**tokens).last_hidden_state
     torch.testing.assert_close(y[mask], reference[mask])
+
+
+def test_whole_captions_do_not_warn(tiny_t5, monkeypatch):
+    monkeypatch.setattr(text, "_cut_warned", False)
+    tokenizer, encoder = setup_encoder(str(tiny_t5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_text(encoder, tokenizer, ["a small red circle", ""], 48, fps=16)
 
 
 def test_minilm_package_encodes_offline():

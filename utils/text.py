@@ -3,6 +3,7 @@
 The official checkpoints were trained on captions wrapped with the clip's fps, the noise level and the aspect ratio
 (`preprocess_text`); sampling must wrap them identically, the empty caption for guidance included.
 """
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,11 +62,29 @@ def encode_text(encoder, tokenizer, captions: list[str], txt_size: int, device=N
 
     `wrap` holds preprocess_text's aspect_ratio / fps / noise_std.
     """
-    tokens = tokenizer(preprocess_text(captions, **wrap), padding="max_length", truncation=True,
-                       max_length=txt_size, return_tensors="pt")
+    texts = preprocess_text(captions, **wrap)
+    _warn_if_cut(tokenizer, texts, txt_size)
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=txt_size, return_tensors="pt")
     tokens = {k: v.to(device or encoder.device) for k, v in tokens.items()}
     hidden = encoder(**tokens).last_hidden_state
     return hidden * tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+
+
+_cut_warned = False
+
+
+def _warn_if_cut(tokenizer, texts: list[str], txt_size: int):
+    """Warn once per process when a wrapped caption has more than txt_size tokens: its end (often the words that
+    matter) never reaches the model."""
+    global _cut_warned
+    if _cut_warned:
+        return
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    longest = max(range(len(texts)), key=lengths.__getitem__, default=None)
+    if longest is not None and lengths[longest] > txt_size:
+        _cut_warned = True
+        warnings.warn(f"captions are cut to txt_size={txt_size} tokens: {texts[longest]!r} has {lengths[longest]} "
+                      f"(with the prompt wording); raise --txt_size to keep whole captions", stacklevel=3)
 
 
 def minilm_path() -> Path:
