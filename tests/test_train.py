@@ -205,6 +205,8 @@ def test_torchrun_ddp_with_denoiser_and_accumulation(tmp_path):
     assert isinstance(model, Model)
 
 
+# the tiny run's 8 tokens cut "(extend) a blue square moving left"; only the caption's start is checked here
+@pytest.mark.filterwarnings("ignore:captions are cut")
 def test_drop_image_trains_on_the_clip_without_its_first_frame(tmp_path):
     """--drop_image: the first latent frame is dropped and the caption says "(extend)" (and the model still trains)."""
     step, model, opt, _ = build_step(tmp_path, "--vid_size", "4:8", "--temporal_causal", "2", "--shallow_block_local",

@@ -83,8 +83,9 @@ def _warn_if_cut(tokenizer, texts: list[str], txt_size: int):
     longest = max(range(len(texts)), key=lengths.__getitem__, default=None)
     if longest is not None and lengths[longest] > txt_size:
         _cut_warned = True
+        # stacklevel 4: past encode_text and its no_grad wrapper, to the line that called it
         warnings.warn(f"captions are cut to txt_size={txt_size} tokens: {texts[longest]!r} has {lengths[longest]} "
-                      f"(with the prompt wording); raise --txt_size to keep whole captions", stacklevel=3)
+                      f"(with the prompt wording); raise --txt_size to keep whole captions", stacklevel=4)
 
 
 def minilm_path() -> Path:
