@@ -2,6 +2,7 @@
 model its shipped YAML builds, samples its captions right (read back by scripts/eval_shapes.py), and
 scripts/demo.sh writes the image grid and the video the README promises."""
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES
+from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, parse_vid_size, shape_caption
 from scripts.eval_shapes import evaluate, make_captions, read_sample
 from scripts.extract_images import cut
 from utils.config import GROUPS, build_parser, parse_config
@@ -57,10 +58,14 @@ def test_shipped_model_reads_whole_captions(name):
     from utils.text import preprocess_text, setup_encoder
 
     stored = stored_metadata(ROOT / "ckpts" / f"{name}.safetensors")
-    run_flags, video = stored["run"], "t2v" in name
-    fps = int(run_flags["vid_size"].split(":")[1]) if run_flags.get("fps_cond") else None
-    captions = [f"a {c} {s} moving {d}" if video else f"a {z} {c} {s} {p}" for c in COLORS for s in SHAPES
-                for z in SIZES for p in POSITIONS for d in DIRECTIONS]
+    run_flags = stored["run"]
+    frames, fps = parse_vid_size(run_flags.get("vid_size"))
+    fps = fps if run_flags.get("fps_cond") else None
+    if frames > 1:
+        captions = [shape_caption(c, s, "small", direction=d)  # a video caption does not name the size
+                    for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
+    else:
+        captions = [shape_caption(c, s, z, p) for c, s, z, p in itertools.product(COLORS, SHAPES, SIZES, POSITIONS)]
     tokenizer, _ = setup_encoder(run_flags["text"])
     longest = max(len(ids) for ids in tokenizer(preprocess_text(captions, fps=fps))["input_ids"])
     assert longest <= stored["config"]["txt_size"], (longest, stored["config"]["txt_size"])
