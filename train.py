@@ -187,7 +187,7 @@ def sample_grid(args, model, vae, text, batch, procs, step: int):
         y = encode_text(encoder, tokenizer, list(captions[:n]) + [""] * n if cfg > 0 else list(captions[:n]),
                         args.txt_size, procs.device, **wrap)
         y = y if cfg > 0 else y[:n]
-    latents = model.reverse(noise, y, guidance=cfg, agree=lambda k: int(procs.all_min(k)),
+    latents = model.reverse(noise, y, guidance=cfg,
                             context_length=args.local_attn_window and args.local_attn_window - 1)
     pixels = vae.decode(latents) if vae is not None else latents
     model.train()

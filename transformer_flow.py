@@ -12,7 +12,7 @@ Parameter names follow the official release, so its checkpoints load with `load_
 """
 import dataclasses
 import math
-from typing import Callable
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from misc.pe import RotaryEmbedding, apply_rope, get_positions
+from misc.pe import RotaryEmbedding, apply_rope, get_positions, rope_rotation
 
 INV_SOFTPLUS_1 = 0.541324854612918  # softplus(INV_SOFTPLUS_1) == 1: a zero output means scale 1
 OFFICIAL_DEAD_BUFFERS = ("var", "attn_mask", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
@@ -107,6 +107,49 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockDecoding:
+    """How one flow block is inverted at sampling time.
+
+    window 1 is exact sequential decoding: one network call per token.  A larger window runs block-wise Jacobi
+    iteration (the official sampler's `jacobi`): each call solves `window` tokens at once on the current guesses
+    (`frame_window` after the first video frame: 4 x window unless set, as in the official sampler), and a token
+    is final once its predecessor's squared change, relative to the window's mean square, fell below `threshold`,
+    or after `max_iter` iterations.  Raises ValueError naming the option (and its official keyword) out of range.
+    """
+    window: int = 1
+    threshold: float = 1e-3
+    max_iter: int = 32
+    frame_window: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.window, "window (jacobi_block_size)", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+            (self.threshold, "threshold (jacobi_th)", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            (self.max_iter, "max_iter (jacobi_max_iter)", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+            (self.frame_window, "frame_window", lambda v: v is None or isinstance(v, int) and v >= 1,
+             "an integer >= 1"),
+        ]
+        for value, name, ok, allowed in checks:
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"decoding option {name} must be {allowed}, got {value!r}")
+
+    @property
+    def later_window(self) -> int:
+        return self.frame_window or (4 * self.window if self.window > 1 else 1)
+
+
+SEQUENTIAL = BlockDecoding()
+OFFICIAL_JACOBI = BlockDecoding(window=64, threshold=5e-3, max_iter=32)  # the official sample.py defaults
+
+
+def default_plan(model: "Model") -> list[BlockDecoding]:
+    """The decoding of a model that has no calibrated plan: Jacobi over a whole frame in the shallow blocks (they
+    converge in a few sweeps), and short Jacobi windows in the deep block, whose tokens depend most on each other."""
+    deep = BlockDecoding(window=16, threshold=1e-3)
+    return [BlockDecoding(window=64, threshold=1e-3)] * (len(model.blocks) - 1) + [deep]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Transformer layers
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,12 +171,21 @@ def make_norm(norm_type: str, dim: int) -> nn.Module:
     return {"layer_norm": nn.LayerNorm, "rms_norm": RMSNorm}.get(norm_type, lambda _: nn.Identity())(dim)
 
 
+class Slots(NamedTuple):
+    """Cache slots of a ragged call, where every row writes its tokens at its own positions (Jacobi decoding of
+    samples whose frontiers differ): index (B, L) on the model's device, end = index.max() + 1."""
+    index: torch.Tensor
+    end: int
+
+
 class KVCache:
     """Rotated keys and values of every attention layer of one flow block, for decoding and image conditioning.
 
-    `length` is the number of filled slots; a step writes its tokens at [length, length + n) in every layer and then
-    calls `advance(n)`.  Jacobi decoding rewinds with `truncate`.  `prefix` holds the block's (permuted) input tokens
-    when the cache was filled by a forward pass over a context such as a first video frame.
+    `length` is the number of filled slots: `Transformer.run` writes its n tokens at [length, length + n) in every
+    layer and moves `length` past them, or, in a ragged call, writes each row at its own `Slots` and moves `length`
+    to the last slot written.  Jacobi decoding rewinds with `truncate`.
+    `prefix` holds the block's (permuted) input tokens when the cache was filled by a forward pass over a context
+    such as a first video frame.
     """
 
     def __init__(self):
@@ -146,22 +198,27 @@ class KVCache:
     def __len__(self):
         return self.length
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.size(2)
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: Slots | None = None):
+        """Write k, v (B, heads, L, d) at the next L slots (or at `slots`); return all keys and values up to the
+        last slot written."""
+        end = self.length + k.size(2) if slots is None else slots.end
         if layer == len(self.keys):
             self.keys.append(k.new_empty(*k.shape[:2], 0, k.size(3), dtype=self.dtype or k.dtype))
             self.values.append(self.keys[-1].clone())
-        if end > self.keys[layer].size(2):  # grow geometrically
+        if end > self.keys[layer].size(2):  # grow geometrically; zeros, since masked slots still meet the values
             for store in (self.keys, self.values):
                 old = store[layer]
-                store[layer] = old.new_empty(*k.shape[:2], max(end, 2 * old.size(2), self.capacity), k.size(3))
-                store[layer][:, :, :self.length] = old[:, :, :self.length]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, n: int):
-        self.length += n
+                store[layer] = old.new_zeros(*k.shape[:2], max(end, 2 * old.size(2), self.capacity), k.size(3))
+                store[layer][:, :, :old.size(2)] = old
+        keys, values = self.keys[layer], self.values[layer]
+        if slots is None:
+            keys[:, :, self.length:end] = k
+            values[:, :, self.length:end] = v
+        else:
+            index = slots.index[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
+            keys.scatter_(2, index, k.to(keys.dtype))
+            values.scatter_(2, index, v.to(values.dtype))
+        return keys[:, :, :end], values[:, :, :end]
 
     def truncate(self, length: int):
         self.length = min(self.length, length)
@@ -176,40 +233,39 @@ class KVCache:
 class Attention(nn.Module):
     """Pre-norm multi-head attention with grouped KV heads, optional qk-norm, RoPE and a KV cache."""
 
-    def __init__(self, channels, head_dim, num_heads, num_kv_heads, norm_type, use_qk_norm, use_post_norm, use_bias,
-                 hf_style_rope):
+    def __init__(self, channels, head_dim, num_heads, num_kv_heads, norm_type, use_qk_norm, use_post_norm, use_bias):
         super().__init__()
         self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
-        self.hf_style_rope = hf_style_rope
         self.norm = make_norm(norm_type, channels)
         self.qkv = nn.Linear(channels, (num_heads + 2 * num_kv_heads) * head_dim, bias=use_bias)
         self.proj = nn.Linear(num_heads * head_dim, channels, bias=use_bias)
         if use_qk_norm:
             self.query_norm, self.key_norm = RMSNorm(head_dim), RMSNorm(head_dim)
         self.use_qk_norm = use_qk_norm
-        self.post_norm = RMSNorm(channels) if use_post_norm else nn.Identity()
+        self.post_norm = RMSNorm(channels) if use_post_norm else None
 
-    def forward(self, x, rope, cache=None, layer=0, causal=True, mask=None, temp=1.0):
-        """x: (B, L, C) tokens at cache slots [len(cache), len(cache) + L); rope: (cos, sin) tables by slot.
-        A causal call over a non-empty cache needs the prefix-causal `mask` (see `Transformer.run`)."""
+    def forward(self, x, rope, cache=None, layer=0, causal=True, mask=None, temp=1.0, slots=None):
+        """x: (B, L, C) tokens at cache slots [len(cache), len(cache) + L), or at `slots`; rope: their
+        `rope_rotation`.  A causal call over a non-empty cache needs the prefix-causal `mask` (see
+        `Transformer.run`)."""
         B, L, _ = x.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv(self.norm(x)).split([(H + G) * d, G * d], -1)
         qk, v = qk.view(B, L, H + G, d), v.view(B, L, G, d)
         if self.use_qk_norm:
             qk = torch.cat([self.query_norm(qk[:, :, :H]), self.key_norm(qk[:, :, H:])], dim=2)
-        start = len(cache) if cache is not None else 0
         if rope is not None:  # q and k rotated together, by their slots
-            qk = apply_rope(qk, rope[0][start:start + L], rope[1][start:start + L], self.hf_style_rope)
+            qk = apply_rope(qk, rope)
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, k, v, slots)
         q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
         is_causal = causal and mask is None and L > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=(self.head_dim ** -0.25) ** 2 / temp,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.post_norm(self.proj(out.transpose(1, 2).reshape(B, L, -1)))
+        out = self.proj(out.transpose(1, 2).reshape(B, L, -1))
+        return out if self.post_norm is None else self.post_norm(out)
 
 
 class MLP(nn.Module):
@@ -227,7 +283,7 @@ class MLP(nn.Module):
         else:
             self.main = nn.Sequential(nn.Linear(channels, hidden, bias=use_bias), nn.GELU(),
                                       nn.Linear(hidden, channels, bias=use_bias))
-        self.post_norm = RMSNorm(channels) if use_post_norm else nn.Identity()
+        self.post_norm = RMSNorm(channels) if use_post_norm else None
 
     def forward(self, x):
         h = self.norm(x)
@@ -235,22 +291,22 @@ class MLP(nn.Module):
             h = self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
         else:
             h = self.main(h)
-        return self.post_norm(h)
+        return h if self.post_norm is None else self.post_norm(h)
 
 
 class AttentionBlock(nn.Module):
     """One transformer layer: x + attention(x), then + mlp(x); both sublayers normalise their own input."""
 
     def __init__(self, channels, head_dim, num_heads, num_kv_heads, use_swiglu, norm_type, use_qk_norm,
-                 use_post_norm, use_bias, hf_style_rope, expansion=4):
+                 use_post_norm, use_bias, expansion=4):
         super().__init__()
         self.attention = Attention(channels, head_dim, num_heads, num_kv_heads, norm_type, use_qk_norm, use_post_norm,
-                                   use_bias, hf_style_rope)
+                                   use_bias)
         self.mlp = MLP(channels, expansion, use_swiglu, norm_type, use_post_norm, use_bias)
 
     def forward(self, x, rope, cache=None, layer=0, causal=True, mask=None, temp=1.0, ckpt_attn=False,
-                ckpt_mlp=False):
-        attn = lambda h: self.attention(h, rope, cache, layer, causal, mask, temp)
+                ckpt_mlp=False, slots=None):
+        attn = lambda h: self.attention(h, rope, cache, layer, causal, mask, temp, slots)
         x = x + (checkpoint(attn, x, use_reentrant=False) if ckpt_attn else attn(x))
         return x + (checkpoint(self.mlp, x, use_reentrant=False) if ckpt_mlp else self.mlp(x))
 
@@ -269,30 +325,44 @@ class Transformer(nn.Module):
             self.proj_txt = nn.Linear(txt_dim, channels)
         self.attn_blocks = nn.ModuleList(
             AttentionBlock(channels, cfg.head_dim, num_heads, cfg.num_kv_heads or num_heads, cfg.use_swiglu,
-                           cfg.norm_type, cfg.use_qk_norm, cfg.use_post_norm, cfg.use_bias, cfg.hf_style_rope)
+                           cfg.norm_type, cfg.use_qk_norm, cfg.use_post_norm, cfg.use_bias)
             for _ in range(num_layers))
+        self.hf_style_rope = cfg.hf_style_rope
         self.final_norm = RMSNorm(channels) if cfg.use_final_norm else nn.Identity()
         every_attn, every_mlp = cfg.use_checkpoint, cfg.use_checkpoint_mlp
         every_mlp = every_attn if every_mlp is None else every_mlp
         self.ckpt = [(bool(every_attn) and (i + 1) % every_attn == 0, bool(every_mlp) and (i + 1) % every_mlp == 0)
                      for i in range(num_layers)]
 
-    def run(self, x, y, rope, cache=None, causal=True, mask=None, temp=1.0):
-        """x: (B, L, Cin) input tokens, y: (B, Ly, txt_dim) text or None, placed first.  Returns the hidden states
-        (B, L, C) of x and (B, Ly, C) of y, final-normed; with a cache, their K/V are appended to it."""
+    def run(self, x, y, rope, cache=None, causal=True, mask=None, temp=1.0, slots=None):
+        """x: (B, L, Cin) input tokens, y: (B, Ly, txt_dim) text or None, placed first; rope: (cos, sin) tables of
+        every cache slot.  Returns the hidden states (B, L, C) of x and (B, Ly, C) of y, final-normed; with a cache,
+        their K/V are appended to it, or, with `slots` (B, L) of cache positions on the CPU and no text, written
+        there row by row, each query attending to the slots up to its own."""
         h = self.proj_in(x.to(self.proj_in.weight.dtype))
         n_txt = 0
         if y is not None:
             n_txt = y.size(1)
             h = torch.cat([self.proj_txt(y.to(self.proj_txt.weight.dtype)), h], dim=1)
-        start = len(cache) if cache is not None else 0
-        if causal and mask is None and start > 0 and h.size(1) > 1:  # queries follow a cached prefix
-            mask = torch.ones(h.size(1), start + h.size(1), dtype=torch.bool, device=h.device).tril(diagonal=start)
+        if slots is None:
+            start = len(cache) if cache is not None else 0
+            if rope is not None:
+                rope = rope_rotation(rope[0][start:start + h.size(1)], rope[1][start:start + h.size(1)],
+                                     self.hf_style_rope)
+            if causal and mask is None and start > 0 and h.size(1) > 1:  # queries follow a cached prefix
+                mask = torch.ones(h.size(1), start + h.size(1), dtype=torch.bool, device=h.device).tril(diagonal=start)
+        else:
+            end = int(slots.max()) + 1
+            if rope is not None:  # slots past the end of the tables are padding, whose outputs are never used
+                table = slots.clamp(max=rope[0].size(0) - 1).to(h.device)
+                rope = rope_rotation(rope[0][table], rope[1][table], self.hf_style_rope)
+            slots = Slots(slots.to(h.device), end)
+            mask = (torch.arange(end, device=h.device) <= slots.index[..., None]).unsqueeze(1)  # (B, 1, L, end)
         for i, layer in enumerate(self.attn_blocks):
             ckpt_attn, ckpt_mlp = self.ckpt[i] if self.training else (False, False)
-            h = layer(h, rope, cache, i, causal, mask, temp, ckpt_attn, ckpt_mlp)
+            h = layer(h, rope, cache, i, causal, mask, temp, ckpt_attn, ckpt_mlp, slots)
         if cache is not None:
-            cache.advance(h.size(1))
+            cache.length = max(cache.length, slots.end) if slots is not None else cache.length + h.size(1)
         h = self.final_norm(h)
         return h[:, n_txt:], h[:, :n_txt]
 
@@ -369,91 +439,136 @@ class MetaBlock(Transformer):
         return self.from_seq(z, x.shape).to(h.dtype), (h_txt if self.txt_dim else None), -sigma.log()
 
     @torch.no_grad()
-    def reverse(self, z, y, rope, guidance=0.0, cache=None, block_size=1, max_iter=1, threshold=0.0,
-                context_length=None, attn_temp=1.0, agree: Callable[[int], int] | None = None, verbose=False):
-        """Invert the block: z (B, [T], H, W, C) -> x.  With block_size 1 this is exact sequential decoding; larger
-        blocks solve `block_size` tokens at a time by Jacobi fixed-point iteration (see `_decode`)."""
+    def reverse(self, z, y, rope, guidance=0.0, cache=None, decoding: "BlockDecoding | None" = None,
+                context_length=None, attn_temp=1.0, verbose=False):
+        """Invert the block: z (B, [T], H, W, C) -> x, by exact sequential decoding (the default) or by the Jacobi
+        iteration that `decoding` describes (see `_decode`)."""
         dtype, shape = z.dtype, z.shape
         noise = self.to_seq(z.float())
         if guidance > 0:
             noise = torch.cat([noise, noise])
         x = self._decode(noise, y if self.txt_dim else None, rope, guidance, cache if cache is not None else KVCache(),
-                         frame=noise.size(1) // (shape[1] if z.dim() == 5 else 1), block_size=block_size,
-                         max_iter=max_iter, threshold=threshold, context_length=context_length, temp=attn_temp,
-                         agree=agree, verbose=verbose)
+                         frame=noise.size(1) // (shape[1] if z.dim() == 5 else 1), decoding=decoding or SEQUENTIAL,
+                         context_length=context_length, temp=attn_temp, verbose=verbose)
         if guidance > 0:
             x = x[: x.size(0) // 2]
             if cache is not None:
                 cache.keep_first_half()
         return self.from_seq(x, shape).to(dtype)
 
-    def _decode(self, noise, y, rope, guidance, cache, frame, block_size, max_iter, threshold, context_length, temp,
-                agree, verbose):
+    def _decode(self, noise, y, rope, guidance, cache, frame, decoding, context_length, temp, verbose):
         """Solve x from noise (B, N, C) in sequence order.
 
-        xs[j] is the network input of slot j and xs[j + 1] the token slot j predicts (xs[0] is the SOS embedding; without
-        SOS, token 0 is its own noise).  `start` slots are final and cached.  Each iteration runs the window of slots
-        [start, start + size) on the current guesses, then keeps the leading tokens that are settled: the first one
-        is exact, and each next one is kept if its predecessor moved less than `threshold` (relative squared change)
-        or has been iterated max_iter times.  A fresh video token is first guessed from the previous frame.  With a
-        local attention window, the cache is rebuilt every (window - context) frames from the last context frames.
+        xs[j] is the network input of slot j and xs[j + 1] the token slot j predicts (xs[0] is the SOS embedding;
+        without SOS, token 0 is its own noise).  Each sample has its own frontier `start`: its slots before it are
+        final and cached.  Each iteration runs every sample's window of slots [start, start + window) on the current
+        guesses, then keeps that sample's leading tokens that are settled: the first one is exact, and each next one
+        is kept if its predecessor moved less than `threshold` (squared change relative to the window's mean square,
+        over the sample's own rows) or has been iterated max_iter times.  A sample's result thus depends on its own
+        noise and text only, never on the rest of the batch.  While all frontiers agree (always, in sequential
+        decoding) the windows are plain slices; otherwise every row is gathered at its own slots.  A fresh video
+        token is first guessed from the previous frame.  With a local attention window, the cache is rebuilt every
+        (window - context) frames from the last context frames, once every sample has reached that point.
         """
         B, N, C = noise.shape
+        groups = 2 if guidance > 0 else 1  # guided rows [cond; uncond] share one state per sample
+        S = B // groups
+        pad = max(decoding.window, decoding.later_window)  # ragged windows may run past the end
+        zeros = noise.new_zeros(B, pad, C)
         if self.use_sos:
-            xs = torch.cat([self.sos_embed.float().expand(B, 1, C), noise], dim=1)
+            xs = torch.cat([self.sos_embed.float().expand(B, 1, C), noise, zeros], dim=1)
         else:
-            xs, noise = noise.clone(), noise[:, 1:]
-        n_slots = noise.size(1)
+            xs, noise = torch.cat([noise, zeros], dim=1), noise[:, 1:]
+        noise = torch.cat([noise, zeros], dim=1)
+        n_slots = N if self.use_sos else N - 1
         n_txt = y.size(1) if y is not None else 0
-        start = 0
+        first = 0
         if cache.prefix is not None and len(cache) > n_txt:  # continue after a prefilled context
             p = cache.prefix.size(1)
             xs[:, int(self.use_sos):p + int(self.use_sos)] = cache.prefix
-            start = p if self.use_sos else p - 1  # without SOS, token p is the output of cached slot p - 1
-            cache.truncate(n_txt + start)
+            first = p if self.use_sos else p - 1  # without SOS, token p is the output of cached slot p - 1
+            cache.truncate(n_txt + first)
         else:
             cache.truncate(0)
             if y is not None:
                 self.run(xs[:, :0], y, rope, cache, temp=temp)
         window = self.local_attn_window * frame if self.local_attn_window else None
         target = min(n_slots, window) if window else n_slots
-        cache.reserve(n_txt + target, self.proj_in.weight.dtype)
+        cache.reserve(n_txt + target + pad, self.proj_in.weight.dtype)
         origin = 0  # xs index of the first image slot in the cache
-        computed = torch.zeros(n_slots, dtype=torch.long)
-        seen = start  # slots up to here have had a guess assigned
-        bar = tqdm(total=n_slots, initial=start, disable=not verbose, desc="decoding", leave=False)
+        start = torch.full((S,), first)
+        seen = start.clone()  # slots up to here have had a guess assigned
+        computed = torch.zeros(S, n_slots + pad, dtype=torch.long)  # Jacobi iterations of each slot
+        rows = lambda t: t.repeat(groups, *[1] * (t.dim() - 1))  # per-sample values -> per-row values
+        bar = tqdm(total=n_slots, initial=first, disable=not verbose, desc="decoding", leave=False)
         while True:
-            while start < target:
-                end = min(start + (4 * block_size if start > frame and block_size > 1 else block_size), target)
-                if max(seen, frame) < end:  # video: guess fresh tokens from the previous frame
-                    lo = max(seen, frame)
-                    xs[:, lo + 1:end + 1] = xs[:, lo + 1 - frame:end + 1 - frame]
-                seen = max(seen, end)
-                h, _ = self.run(xs[:, start:end], None, rope, cache, temp=temp)
+            while bool((start < target).any()):
+                size = torch.where(start > frame, decoding.later_window, decoding.window)
+                end = torch.clamp(start + size, max=target)
+                width = int((end - start).max())
+                if width > 1 and frame < n_slots:  # sequential decoding never reads a guess
+                    self._guess_from_previous_frame(xs, end, seen, frame, S)
+                    seen = torch.maximum(seen, end)
+                if bool((start == start[0]).all()):  # one slice for the whole batch
+                    s0 = int(start[0])
+                    cache.truncate(n_txt + s0 - origin)
+                    h, _ = self.run(xs[:, s0:s0 + width], None, rope, cache, temp=temp)
+                    old, z = xs[:, s0 + 1:s0 + 1 + width], noise[:, s0:s0 + width]
+                    pos = None
+                else:  # every sample at its own frontier
+                    pos = start[:, None] + torch.arange(width)  # (S, width) slots
+                    index = rows(pos).to(xs.device)[..., None].expand(-1, -1, C)
+                    h, _ = self.run(xs.gather(1, index), None, rope, cache, temp=temp, slots=rows(n_txt - origin + pos))
+                    old, z = xs.gather(1, index + 1), noise.gather(1, index)
                 mu, sigma = self.params(h, guidance)
-                new = mu + sigma * noise[:, start:end]
-                keep = 1
-                if end - start > 1:
-                    computed[start:end] += 1
-                    change = (new - xs[:, start + 1:end + 1]).square().mean(2).amax(0) / new.square().mean()
-                    settled = (change[:-1] < threshold) | (computed[start + 1:end] >= max_iter).to(change.device)
-                    keep += int(settled.long().cumprod(0).sum())
-                    keep = agree(keep) if agree is not None else keep
-                xs[:, start + 1:end + 1] = new
-                cache.truncate(n_txt + start - origin + keep)
+                new = mu + sigma * z
+                if width == 1:  # sequential decoding: every token is final
+                    keep = end - start
+                else:
+                    keep = self._settled(new, old, start, end, computed, decoding, groups)
+                if pos is None:
+                    xs[:, s0 + 1:s0 + 1 + width] = new
+                else:
+                    valid = rows(torch.arange(width) < (end - start)[:, None]).to(xs.device)[..., None]
+                    xs.scatter_(1, index + 1, torch.where(valid, new, old))
+                before = int(start.min())
                 start += keep
-                bar.update(keep)
+                bar.update(int(start.min()) - before)
             if target >= n_slots:
                 break
             context = context_length * frame
             target = min(target + window - context, n_slots)
-            origin = start - context
+            origin = int(start[0]) - context
             cache.truncate(0)
             if y is not None:
                 self.run(xs[:, :0], y, rope, cache, temp=temp)
-            self.run(torch.cat([xs[:, :1], xs[:, origin + 1:start]], dim=1), None, rope, cache, temp=temp)
+            self.run(torch.cat([xs[:, :1], xs[:, origin + 1:int(start[0])]], dim=1), None, rope, cache, temp=temp)
         bar.close()
-        return xs[:, 1:] if self.use_sos else xs
+        return xs[:, 1:N + 1] if self.use_sos else xs[:, :N]
+
+    @staticmethod
+    def _guess_from_previous_frame(xs, end, seen, frame, S):
+        """Video: the first guess of a token entering a window is the same token of the previous frame."""
+        lo = torch.clamp(seen, min=frame)
+        for s in torch.nonzero(lo < end).flatten().tolist():
+            for a in range(int(lo[s]) + 1, int(end[s]) + 1, frame):  # a frame at a time: windows may span several
+                b = min(a + frame, int(end[s]) + 1)
+                xs[s::S, a:b] = xs[s::S, a - frame:b - frame]
+
+    @staticmethod
+    def _settled(new, old, start, end, computed, decoding, groups):
+        """How many leading tokens of each sample's window are final (at least 1, none for a finished sample)."""
+        S, width = start.size(0), new.size(1)
+        valid = torch.arange(width) < (end - start)[:, None]  # (S, width): the sample's own window
+        per_sample = lambda t: t.view(groups, S, width).mean(0).cpu()
+        change = per_sample((new - old).square().mean(2))
+        scale = (per_sample(new.square().mean(2)) * valid).sum(1) / valid.sum(1).clamp(min=1)
+        pos = start[:, None] + torch.arange(width)
+        computed.scatter_add_(1, pos, valid.long())
+        settled = (change[:, :-1] < decoding.threshold * scale[:, None]) | \
+            (computed.gather(1, pos[:, 1:]) >= decoding.max_iter)
+        keep = 1 + (settled & valid[:, 1:]).long().cumprod(1).sum(1)
+        return torch.minimum(keep, end - start)
 
 
 class IdentityBlock(nn.Module):
@@ -523,6 +638,8 @@ class Model(nn.Module):
         if cfg.learnable_self_denoiser:
             self.learnable_self_denoiser = NonCausalBlock(cfg, cfg.txt_dim if cfg.conditional_denoiser else 0)
         self.rope = RotaryEmbedding(cfg.head_dim, time_axis=cfg.txt_size > 0)
+        # Calibrated decoding plans by the batch size they were calibrated at (see `decoding_plan`, utils.decoding).
+        self.decoding: dict[int, list[BlockDecoding]] | None = None
 
     # ---- shapes -------------------------------------------------------------------------------------------------
     def patchify(self, x):
@@ -607,35 +724,66 @@ class Model(nn.Module):
     # ---- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, guide_top=None, return_sequence=False, verbose=False,
-                kv_caches=None, jacobi=True, jacobi_block_size=256, jacobi_max_iter=32, jacobi_th=5e-3,
-                context_length=None, attn_temp=1.0, agree=None):
+                kv_caches=None, decoding: "BlockDecoding | Sequence[BlockDecoding] | None" = None, jacobi=None,
+                jacobi_block_size=None, jacobi_max_iter=None, jacobi_th=None, context_length=None, attn_temp=1.0):
         """Generate latents from noise z (the shape of x).  y is text (B, Ly, D), or [cond; uncond] rows when
-        guidance > 0.  Jacobi decoding (the default) solves a window of jacobi_block_size tokens at a time (4x that
-        after the first video frame) and keeps the tokens that settled: their predecessors' relative squared change
-        fell below jacobi_th, or they were iterated jacobi_max_iter times.  The defaults land within ~1e-2 relative
-        L2 of the exact inverse, which `jacobi=False` (sequential decoding) computes.
-        `kv_caches` from `prefill` continue a given first frame.  `agree(n) -> int`, when given, turns this process's
-        count of settled tokens into the count all processes use (e.g. an all-reduce min).  The shallow blocks are
+        guidance > 0.  How each block is inverted comes from `decoding_plan` (the calibrated plan by default;
+        `jacobi=False` is exact sequential decoding).  A sample depends only on its own noise and text, never on
+        its batch companions.  `kv_caches` from `prefill` continue a given first frame.  The shallow blocks are
         unguided when cond_top_only or guide_top is set."""
         self._check_inputs(z, y, guidance)
         if self.config.local_attn_window and not context_length:
             raise ValueError("decoding with local_attn_window needs context_length")
+        plan = self.decoding_plan(decoding, jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, batch=z.size(0))
         caches = kv_caches or [KVCache() for _ in self.blocks]
-        decode = dict(block_size=jacobi_block_size if jacobi else 1, max_iter=jacobi_max_iter if jacobi else 1,
-                      threshold=jacobi_th if jacobi else 0.0, context_length=context_length, attn_temp=attn_temp,
-                      agree=agree, verbose=verbose)
-        seq, x = [z], self.patchify(z)
-        for j, block in enumerate(reversed(self.blocks)):
-            deep = j == 0
-            if j == 1 and guidance > 0 and (guide_top is not None or self.config.cond_top_only):
-                guidance, y = 0.0, y.chunk(2)[0]
-            local, h = (False, x) if deep else self._local(block, x)
-            cache = KVCache() if local else caches[j]
-            h = block.reverse(h, y, self.rope_tables(h.shape, self._text_len(block, y), x.device), guidance, cache,
-                              **decode)
-            x = h.view_as(x)
-            seq.append(self.unpatchify(x))
+        seq, n = [z], len(self.blocks)
+        for i in reversed(range(n)):
+            y_i, guidance_i = self.block_guidance(i, y, guidance, guide_top)
+            seq.append(self.reverse_block(i, seq[-1], y_i, guidance_i, plan[i], caches[n - 1 - i], context_length,
+                                          attn_temp, verbose))
         return seq if return_sequence else seq[-1]
+
+    def block_guidance(self, i, y, guidance, guide_top=None):
+        """(text, guidance) with which block i decodes: the shallow blocks take the conditional rows unguided when
+        cond_top_only or guide_top is set."""
+        if i < len(self.blocks) - 1 and guidance > 0 and (guide_top is not None or self.config.cond_top_only):
+            return y.chunk(2)[0], 0.0
+        return y, guidance
+
+    @torch.no_grad()
+    def reverse_block(self, i, x, y, guidance, decoding=None, cache=None, context_length=None, attn_temp=1.0,
+                      verbose=False):
+        """Invert block i alone: its output latents x (B, [T], C, H, W) -> its input latents, with the text and
+        guidance it decodes with (`block_guidance`) and a BlockDecoding (sequential by default)."""
+        block, h = self.blocks[i], self.patchify(x)
+        local, h_i = (False, h) if i == len(self.blocks) - 1 else self._local(block, h)
+        cache = KVCache() if local or cache is None else cache
+        rope = self.rope_tables(h_i.shape, self._text_len(block, y), x.device)
+        out = block.reverse(h_i, y, rope, guidance, cache, decoding, context_length, attn_temp, verbose)
+        return self.unpatchify(out.view_as(h))
+
+    def decoding_plan(self, decoding=None, jacobi=None, jacobi_block_size=None, jacobi_th=None,
+                      jacobi_max_iter=None, batch: int = 1) -> list["BlockDecoding"]:
+        """One BlockDecoding per block, blocks.0 first: `decoding` (one for all blocks, or a list); else sequential
+        decoding if `jacobi` is False; else, when any of the official jacobi_* arguments is given, that Jacobi
+        iteration in every block (the others at the official sampler's defaults); else the plan in `self.decoding`
+        calibrated at the batch size nearest to `batch` (samples, on a log scale), when there is one; else
+        `default_plan`."""
+        n = len(self.blocks)
+        if decoding is not None:
+            plan = [decoding] * n if isinstance(decoding, BlockDecoding) else list(decoding)
+            if len(plan) != n or not all(isinstance(d, BlockDecoding) for d in plan):
+                raise ValueError(f"decoding: expected a BlockDecoding or a list of {n} (one per block)")
+            return plan
+        if jacobi is not None and not jacobi:
+            return [SEQUENTIAL] * n
+        given = dict(window=jacobi_block_size, threshold=jacobi_th, max_iter=jacobi_max_iter)
+        if any(v is not None for v in given.values()):
+            return [dataclasses.replace(OFFICIAL_JACOBI, **{k: v for k, v in given.items() if v is not None})] * n
+        if self.decoding:
+            nearest = min(self.decoding, key=lambda b: (abs(math.log(b / batch)), b))
+            return list(self.decoding[nearest])
+        return default_plan(self)
 
     @torch.no_grad()
     def prefill(self, x, y=None, kv_caches=None) -> list[KVCache]:

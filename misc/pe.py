@@ -42,7 +42,7 @@ def get_positions(h: int, w: int, txt_size: int = 0, pt_seq_len: float | None = 
 
 
 class RotaryEmbedding:
-    """Maps positions (L, axes) to the cos/sin tables (L, head_dim/2) that `apply_rope` rotates channel pairs by.
+    """Maps positions (L, axes) to the cos/sin tables (L, head_dim/2) that `rope_rotation` prepares for `apply_rope`.
 
     `time_axis` reserves 8 of the head_dim/2 angle slots for the third coordinate (models with a text prefix).
     Holds no state worth saving: the frequencies are rebuilt on the positions' device.
@@ -70,15 +70,22 @@ class RotaryEmbedding:
         return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hf_style: bool = False) -> torch.Tensor:
-    """Rotate channel pairs of x (..., L, heads, head_dim) by the angles of cos/sin (L, head_dim/2), in fp32.
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, hf_style: bool = False):
+    """The rotation that `apply_rope` applies, prepared once for all layers of a call: cos/sin of shape
+    (L, head_dim/2), or one table per row (B, L, head_dim/2), become a complex table broadcast over heads (or, with
+    hf_style, the (cos, sin) pair)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    return (cos, sin) if hf_style else torch.complex(cos, sin)
+
+
+def apply_rope(x: torch.Tensor, rotation) -> torch.Tensor:
+    """Rotate channel pairs of x (B, L, heads, head_dim) by a `rope_rotation`, in fp32.
 
     Pairs are adjacent channels (2k, 2k+1); with hf_style they are (k, k + head_dim/2), as in Hugging Face models.
     """
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     x = x.float()
-    if hf_style:
+    if isinstance(rotation, tuple):
+        cos, sin = rotation
         x0, x1 = x.chunk(2, dim=-1)
         return torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    rotated = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
-    return torch.view_as_real(rotated).flatten(-2)
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation).flatten(-2)

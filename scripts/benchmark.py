@@ -1,12 +1,24 @@
 """Speed of sampling and training, ours beside the official code on the same weights.
 
-    python scripts/benchmark.py                          # ours alone
-    python scripts/benchmark.py --official ../ml-starflow  # side by side with an official checkout, with ratios
+    python scripts/benchmark.py --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --official ../ml-starflow
+    python scripts/benchmark.py --checkpoint CKPT.pth --config ITS.yaml --captions caps.txt --official ../ml-starflow
+    python scripts/benchmark.py                          # random weights, ours alone
+    python scripts/benchmark.py --official ../ml-starflow  # random weights, side by side, with ratios
 
-Default setting: channels 256, layers 1,1,1,6, head_dim 64, 16x16x4 latents, 16 text tokens of width 64, batch 2,
-guidance 2.0, 2 CPU threads.  Runs take turns (ours, official, ours, ...) and the best of --repeats is reported, with
-the median beside it.  Sampling also reports the relative L2 distance to the exact inverse (sequential decoding);
-training reports tokens/s of a forward + backward + AdamW step.
+With --checkpoint: sampling of a trained checkpoint (ours: its calibrated decoding plan, else the default plan; and
+exact sequential decoding), beside the official code (--official: its Jacobi decoding at the settings of its example
+scripts, and its sequential decoding) on the same weights, noise and text embeddings, at the guidance stored in the
+checkpoint, for the first --batch captions.  When the captions are shapes captions (scripts/eval_shapes.py grammar),
+all of them are also sampled and decoded to pixels with our default and our exact decoding, and their caption
+accuracies compared.  Without --captions, 4 shapes captions.
+
+Random-weight setting: channels 256, layers 1,1,1,6, head_dim 64, 16x16x4 latents, 16 text tokens of width 64,
+batch 2, guidance 2.0 (--calibrate also calibrates a decoding plan for it and times that).  Training reports
+tokens/s of a forward + backward + AdamW step.
+
+Runs take turns (ours, official, ours, ...) and the best of --repeats is reported, with the median beside it;
+sampling reports the relative L2 distance to the exact inverse (our sequential decoding, which equals the official
+sequential decoding bit for bit).  2 CPU threads by default.
 """
 import argparse
 import contextlib
@@ -178,9 +190,103 @@ def config_benchmark(args, device):
                   f"KV cache {cache_mb:.1f} MB{memory}")
 
 
+def checkpoint_benchmark(args, device):
+    """Sampling of a trained checkpoint: ours (default and exact decoding) beside the official code (Jacobi and
+    sequential) on the same weights, noise and text; caption accuracy for shapes checkpoints."""
+    import dataclasses
+
+    import sample
+    from dataset import parse_vid_size
+    from scripts.eval_shapes import evaluate, make_captions, parse_caption, report
+    from utils.config import ConfigError, parse_config
+    from utils.media import to_uint8
+    from utils.training import init_processes
+
+    flags = ["--checkpoint_path", str(args.checkpoint), "--device", device.type]
+    flags += ["--model_config_path", str(args.config)] if args.config else []
+    parser = sample.build_parser(sample.add_model_args, sample.add_data_args, sample.add_sampling_args,
+                                 sample.add_device_args)
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    sargs = parse_config(parser, flags, sample.stored_metadata(args.checkpoint).get("run"))
+    video = parse_vid_size(sargs.vid_size)[0] > 1
+    if args.captions is not None:
+        if not args.captions.is_file():
+            raise FileNotFoundError(f"--captions {args.captions}: no such file")
+        captions = [c.strip() for c in args.captions.read_text(encoding="utf-8").splitlines() if c.strip()]
+        if not captions:
+            raise ConfigError(f"--captions {args.captions}: the file holds no captions")
+    else:
+        captions = make_captions(4, video, seed=0)
+    procs = init_processes(device.type)
+    model, text, vae = sample.build(sargs, procs, with_vae=True)
+    factor, temporal = (vae.downsample_factor, vae.temporal_downsample_factor) if vae else (1, 1)
+    batches = sample.Batches(sargs, model, text, factor, temporal)
+    timed = captions[:args.batch]
+    z, y, _, _, _ = batches(timed, list(range(len(timed))), device)
+    w = batches.guidance
+    plan = f"calibrated plan {sample.plan_path(args.checkpoint)}" if model.decoding else "default plan"
+    runs = {f"ours default ({plan})": lambda: model.reverse(z, y, guidance=w),
+            "ours sequential (exact inverse)": lambda: model.reverse(z, y, guidance=w, jacobi=False)}
+    if args.official:
+        official = import_official(args.official.resolve())
+        reference = official.Model(**dataclasses.asdict(model.config))
+        missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
+        assert not unexpected and all(k.split(".")[-1] in ("var", "attn_mask", "freqs_cos", "freqs_sin")
+                                      for k in missing), (missing, unexpected)
+        reference.to(device).eval()
+        _official_process_group()
+        block = args.jacobi_block_size or (32 if video else 16)  # the official example scripts' settings
+        settings = dict(jacobi=True, jacobi_block_size=block, jacobi_th=args.jacobi_th,
+                        jacobi_max_iter=args.jacobi_max_iter)
+        runs[f"official Jacobi (block {block}, th {args.jacobi_th:g}, {args.jacobi_max_iter} it.)"] = \
+            lambda: reference(z, y, reverse=True, guidance=w, **settings)
+        runs["official sequential"] = lambda: reference(z, y, reverse=True, guidance=w)
+    with torch.no_grad():
+        results = interleaved(runs, args.repeats)
+    exact = results["ours sequential (exact inverse)"][2]
+    base = next((best for name, (best, _, _) in results.items() if name.startswith("official Jacobi")), None)
+    rows = y.size(0) if y is not None else len(timed)
+    print(f"{args.checkpoint}: {len(timed)} captions, guidance {w:g} (batch {rows} rows), latents "
+          f"{tuple(z.shape[1:])}, {args.threads} threads, {device}; best and median of {args.repeats}, interleaved")
+    for name, (best, median, x) in results.items():
+        ratio = f"  {best / base:5.2f}x official Jacobi" if base else ""
+        print(f"  {name:58s} {best:7.3f} s (median {median:.3f})   rel L2 to exact {rel_l2(x, exact):.2e}{ratio}")
+
+    try:
+        for c in captions:
+            parse_caption(c)
+    except ValueError:
+        return  # not shapes captions: no accuracy to measure
+    accuracy = {}
+    for name, decoding in (("default", {}), ("exact", {"jacobi": False})):
+        pixels = []
+        for i in range(0, len(captions), sargs.sample_batch_size):
+            idx = list(range(i, min(i + sargs.sample_batch_size, len(captions))))
+            noise, y_all, y_cond, _, _ = batches(captions, idx, device)
+            with torch.no_grad():
+                latents = model.reverse(noise, y_all, guidance=w, **decoding)
+            pixels += list(to_uint8(sample.to_pixels(sargs, model, vae, latents, y_cond, batches.noise_std)))
+        accuracy[name] = evaluate(captions, pixels)
+        print(f"caption accuracy, {name} decoding\n{report(accuracy[name])}")
+    gap = 100 * (accuracy["default"]["accuracy"]["all"] - accuracy["exact"]["accuracy"]["all"])
+    print(f"default - exact decoding, all attributes right: {gap:+.1f} points")
+
+
+def _official_process_group():
+    """The official Jacobi all-reduces on every iteration: it needs a process group, even for one process."""
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official", type=Path, help="root of an official ml-starflow checkout to compare against")
+    p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (ours, or an official .pth with --config)")
+    p.add_argument("--captions", type=Path, help="with --checkpoint: caption file (the first --batch are timed)")
+    p.add_argument("--calibrate", action="store_true", help="random-weight setting: also time a calibrated plan")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -191,20 +297,27 @@ def main():
     p.add_argument("--latent_channels", type=int, default=4)
     p.add_argument("--txt_size", type=int, default=16)
     p.add_argument("--txt_dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None, help="samples timed (default: 2, or 4 with --checkpoint)")
     p.add_argument("--train_batch", type=int, default=8)
     p.add_argument("--train_steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--weight_scale", type=float, default=0.25, help="std of the random proj_out weights (x 1/sqrt C)")
-    p.add_argument("--jacobi_block_size", type=int, default=16, help="official Jacobi setting (test_sample_image.sh)")
+    p.add_argument("--jacobi_block_size", type=int, default=None,
+                   help="official Jacobi window (default 16, or 32 for video: test_sample_*.sh)")
     p.add_argument("--jacobi_th", type=float, default=1e-3)
     p.add_argument("--jacobi_max_iter", type=int, default=32)
-    p.add_argument("--config", type=Path, help="measure this YAML configuration's model instead (random weights)")
+    p.add_argument("--config", type=Path, help="measure this YAML configuration's model instead (random weights); "
+                   "with --checkpoint, the checkpoint's configuration")
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="with --config of a video model: sample "
                    "these multiples of the trained length (e.g. 1 2 3) and report peak memory")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.checkpoint:
+        args.batch = args.batch or 4
+        return checkpoint_benchmark(args, device)
+    args.batch = args.batch or 2
+    args.jacobi_block_size = args.jacobi_block_size or 16
     if args.config:
         return config_benchmark(args, device)
 
@@ -221,10 +334,7 @@ def main():
                                       for k in missing), (missing, unexpected)
         load_official_state_dict(ours, reference.state_dict())  # and back through the official checkpoint loader
         reference.to(device).eval()
-        if not torch.distributed.is_initialized():  # the official Jacobi all-reduces on every iteration
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29517")
-            torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        _official_process_group()
 
     g = torch.Generator().manual_seed(1)
     shape = (args.batch, args.latent_channels, args.latent_size, args.latent_size)
@@ -235,8 +345,13 @@ def main():
                            jacobi_max_iter=args.jacobi_max_iter)
 
     runs = {"ours sequential (exact inverse)": lambda: ours.reverse(z, y, guidance=w, jacobi=False),
-            "ours default": lambda: ours.reverse(z, y, guidance=w),
+            "ours default plan": lambda: ours.reverse(z, y, guidance=w),
             "ours Jacobi, official settings": lambda: ours.reverse(z, y, guidance=w, **official_jacobi)}
+    if args.calibrate:
+        from utils.decoding import calibrate
+
+        plan, _ = calibrate(ours, z, y, w)
+        runs["ours calibrated plan"] = lambda: ours.reverse(z, y, guidance=w, decoding=plan)
     if reference is not None:
         runs["official sequential"] = lambda: reference(z, y, reverse=True, guidance=w)
         runs["official Jacobi"] = lambda: reference(z, y, reverse=True, guidance=w, **official_jacobi)

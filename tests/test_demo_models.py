@@ -104,3 +104,42 @@ def test_demo_script(tmp_path):
         captions = (tmp_path / "demo" / f"{kind}_captions.txt").read_text().splitlines()
         result = evaluate(captions, list(cut(pixels, rows, columns, 32, 32)))
         assert right(result) >= need, (kind, result["samples"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shipped_decoding_plan_loads_and_held_its_tolerance(name):
+    """The bundled models carry CPU decoding plans (ckpts/<name>.decoding.json) whose measured errors met their
+    tolerance and whose times beat sequential decoding when they were calibrated."""
+    from utils.decoding import load_plans, plan_path
+
+    ckpt = ROOT / "ckpts" / f"{name}.safetensors"
+    plans = load_plans(ckpt, "cpu", len(stored_metadata(ckpt)["config"]["layers_per_block"]))
+    assert plans and all(any(d.window > 1 for d in plan) for plan in plans.values())
+    for entry in json.loads(plan_path(ckpt).read_text())["plans"]["cpu"].values():
+        measured = entry["measured"]
+        assert measured["error"] <= measured["tolerance"] and measured["plan_s"] < measured["sequential_s"]
+
+
+def test_a_sample_does_not_depend_on_its_batch_or_process(tmp_path):
+    """tests/data/jacobi-batch-five.txt (../shared/cases/jacobi-batch): the same five captions and seed give the
+    same samples at batch 5, at batch 1 and split over two torchrun processes: latents within 1e-5, identical PNGs.
+    Jacobi decoding (the calibrated plan runs it in every block at these batch sizes) used to settle tokens on
+    their change over the whole batch (max pixel differences up to 52)."""
+    from safetensors.torch import load_file
+
+    ckpt = str(ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors")
+    captions = str(ROOT / "tests" / "data" / "jacobi-batch-five.txt")
+    launches = {"batch5": ([], "5"), "batch1": ([], "1"),
+                "torchrun2": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "5")}
+    for label, (launch, batch) in launches.items():
+        out = run(sys.executable, *launch, str(ROOT / "sample.py"), "--checkpoint_path", ckpt, "--caption", captions,
+                  "--save_folder", "1", "--save_latents", "1", "--sample_batch_size", batch, "--logdir",
+                  str(tmp_path / label))
+        assert out.returncode == 0, out.stderr[-3000:]
+    folder = lambda label: tmp_path / label / "starflow_shapes_t2i_32x32" / "jacobi-batch-five"
+    for i in range(5):
+        latents = {label: load_file(folder(label) / f"{i:05d}.safetensors")["latents"] for label in launches}
+        pixels = {label: read_sample(folder(label) / f"{i:05d}.png") for label in launches}
+        for label in ("batch1", "torchrun2"):
+            assert (latents[label] - latents["batch5"]).abs().max() <= 1e-5, (i, label)
+            assert (pixels[label] == pixels["batch5"]).all(), (i, label)

@@ -1,4 +1,5 @@
 """sample.py as a user runs it: one process or torchrun, files written, determinism, self-denoising, bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -218,3 +219,48 @@ def test_official_style_checkpoint_with_its_yaml(trained, tmp_path):
     assert ours.returncode == 0, ours.stderr[-3000:]
     assert np.array_equal(read(tmp_path / "o" / "official" / "samples-00000.png"),
                           read(tmp_path / "s" / "model" / "samples-00000.png"))
+
+
+def test_calibrated_plan_is_stored_beside_the_checkpoint_and_used(trained, captions, tmp_path):
+    """--calibrate_decoding writes <stem>.decoding.json beside the checkpoint; sampling then uses it without flags
+    (and says so), --jacobi 0 still decodes exactly; a damaged plan file is one line naming it."""
+    import shutil
+
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copy(trained["image"], ckpt)
+    out = sample(ckpt, tmp_path / "cal", "--caption", str(captions), "--calibrate_decoding", "3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = tmp_path / "model.decoding.json"
+    assert f"written to {plan}" in out.stdout and not (tmp_path / "cal").exists()  # no samples
+    assert len(json.loads(plan.read_text())["plans"]["cpu"]["3"]["blocks"]) == 2
+    used = sample(ckpt, tmp_path / "a", "--caption", str(captions))
+    assert used.returncode == 0 and f"decoding: calibrated plan {plan}" in used.stdout, used.stderr[-2000:]
+    exact = sample(ckpt, tmp_path / "b", "--caption", str(captions), "--jacobi", "0")
+    assert exact.returncode == 0 and "decoding: exact (sequential)" in exact.stdout, exact.stderr[-2000:]
+    plan.write_text("{")
+    broken = sample(ckpt, tmp_path / "c", "--caption", str(captions))
+    assert broken.returncode != 0 and "Traceback" not in broken.stderr
+    assert "model.decoding.json: not a decoding plan file" in broken.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("kind,flags,name", [
+    ("image", ["--cfg", "inf"], "--cfg"), ("image", ["--cfg", "nan"], "--cfg"),
+    ("image", ["--sample_batch_size", "0"], "--sample_batch_size"),
+    ("image", ["--sample_batch_size", "-2"], "--sample_batch_size"), ("image", ["--attn_temp", "0"], "--attn_temp"),
+    ("image", ["--jacobi_max_iter", "0"], "--jacobi_max_iter"), ("image", ["--jacobi_th", "-1e-3"], "--jacobi_th"),
+    ("image", ["--calibrate_decoding", "-1"], "--calibrate_decoding"),
+    ("image", ["--target_length", "8"], "--target_length"),
+    ("video", ["--target_length", "12", "--context_length", "4"], "--context_length"),
+])
+def test_bad_sampling_flags_are_one_line(trained, tmp_path, capsys, kind, flags, name):
+    """Out-of-range sampling flags (../shared/cases/README.md: they used to give a traceback, a false success or
+    silent garbage) are refused in one line naming the flag and the allowed range, and nothing is written."""
+    import sample
+    from utils.config import run_cli
+
+    argv = ["--checkpoint_path", str(trained[kind]), "--caption", "a red circle", "--logdir", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: sample.main(argv))
+    message = str(exit_.value.code) if isinstance(exit_.value.code, str) else capsys.readouterr().err
+    assert exit_.value.code != 0 and len(message.strip().splitlines()) == 1 and name in message, message
+    assert not any(tmp_path.iterdir())

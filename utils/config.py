@@ -8,6 +8,7 @@ flag (an unknown one is an error naming it); official keys that have no effect h
 Flags keep the official names and meanings (`--img_size` in pixels, `--channel_size`, `--txt_size`, `--vae`, ...).
 """
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,27 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def number(kind: type = float, minimum: float | None = None, above: float | None = None):
+    """An argparse type for a finite int or float, at least `minimum` or greater than `above`; a value out of range
+    is refused in one line that names the flag and the allowed range (also from a YAML file)."""
+    noun = "an integer" if kind is int else "a finite number"
+    allowed = noun + (f" >= {minimum:g}" if minimum is not None else "") + \
+        (f" > {above:g}" if above is not None else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or \
+                (above is not None and value <= above):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = allowed
+    return parse
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -127,19 +149,24 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--out_fps", type=int, default=None,
                    help="frame rate of the videos (and of the prompt with --fps_cond); default: that of --vid_size, else 8")
     g.add_argument("--seed", type=int, default=191)
-    g.add_argument("--sample_batch_size", type=int, default=16)
-    g.add_argument("--cfg", type=float, default=5, help="guidance weight")
+    g.add_argument("--sample_batch_size", type=number(int, minimum=1), default=16)
+    g.add_argument("--cfg", type=number(minimum=0), default=5, help="guidance scale (0: no guidance)")
     g.add_argument("--guide_top", type=int, default=None)
-    g.add_argument("--jacobi", type=int, default=1)
-    g.add_argument("--jacobi_th", type=float, default=5e-3)
-    g.add_argument("--jacobi_block_size", type=int, default=256)
-    g.add_argument("--jacobi_max_iter", type=int, default=32)
-    g.add_argument("--attn_temp", type=float, default=1)
-    g.add_argument("--denoising_batch_size", type=int, default=1)
+    g.add_argument("--jacobi", type=int, choices=[0, 1], default=1,
+                   help="0: exact sequential decoding; 1: the checkpoint's calibrated decoding plan (see "
+                        "--calibrate_decoding), else the default plan, unless a --jacobi_* flag is given")
+    g.add_argument("--jacobi_th", type=number(minimum=0), default=None,
+                   help="with any --jacobi_* flag, Jacobi iteration in every block (official defaults 0.005, 64, 32)")
+    g.add_argument("--jacobi_block_size", type=number(int, minimum=1), default=None)
+    g.add_argument("--jacobi_max_iter", type=number(int, minimum=1), default=None)
+    g.add_argument("--attn_temp", type=number(above=0), default=1)
+    g.add_argument("--denoising_batch_size", type=number(int, minimum=1), default=1)
     g.add_argument("--disable_learnable_denoiser", type=int, default=0)
     g.add_argument("--target_noise_std", type=float, default=None)
-    g.add_argument("--target_length", type=int, default=None, help="video frames, beyond the training length")
-    g.add_argument("--context_length", type=int, default=None, help="latent frames of context for long videos")
+    g.add_argument("--target_length", type=number(int, minimum=1), default=None,
+                   help="video frames, beyond the training length")
+    g.add_argument("--context_length", type=number(int, minimum=1), default=None,
+                   help="latent frames of context for long videos")
     g.add_argument("--save_folder", type=int, default=0)
     g.add_argument("--return_sequence", type=int, default=0)
 
@@ -186,6 +213,8 @@ def convert(action: argparse.Action, value, where: str):
         parsed = [action.type(w) if action.type else w for w in words]
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: invalid {action.type.__name__} value {value!r}") from None
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
     for v in parsed:
         if action.choices is not None and v not in action.choices:
             raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(str, action.choices))}")

@@ -66,3 +66,10 @@ def save_video(x, path, fps: int, columns: int | None = None) -> Path:
                 writer.append_data(frame)
 
     return _atomic(path, write)
+
+
+def save_latents(x, path) -> Path:
+    """Latents (any shape) as a safetensors file holding one tensor, "latents", in fp32."""
+    from safetensors.torch import save_file
+
+    return _atomic(path, lambda p: save_file({"latents": x.detach().float().cpu().contiguous()}, str(p)))
