@@ -144,8 +144,9 @@ OFFICIAL_JACOBI = BlockDecoding(window=64, threshold=5e-3, max_iter=32)  # the o
 
 
 def default_plan(model: "Model") -> list[BlockDecoding]:
-    """The decoding of a model that has no calibrated plan: Jacobi over a whole frame in the shallow blocks (they
-    converge in a few sweeps), and short Jacobi windows in the deep block, whose tokens depend most on each other."""
+    """The decoding of a model that has no calibrated plan: 64-token Jacobi windows in the shallow blocks (on trained
+    models they converge in a few sweeps) and 16-token windows in the deep block, whose tokens depend most on each
+    other.  Random-weight models would prefer wider windows everywhere; calibrate (`utils.decoding`) for the best."""
     deep = BlockDecoding(window=16, threshold=1e-3)
     return [BlockDecoding(window=64, threshold=1e-3)] * (len(model.blocks) - 1) + [deep]
 
