@@ -510,14 +510,17 @@ class MetaBlock(Transformer):
                 if width > 1 and frame < n_slots:  # sequential decoding never reads a guess
                     self._guess_from_previous_frame(xs, end, seen, frame, S)
                     seen = torch.maximum(seen, end)
-                if bool((start == start[0]).all()):  # one slice for the whole batch
+                uniform = bool((start == start[0]).all())
+                if width > 1 or not uniform:  # Jacobi: each sample's slots in this call, and its own window in them
+                    pos = start[:, None] + torch.arange(width)  # (S, width)
+                    valid = pos < end[:, None]
+                if uniform:  # one slice for the whole batch
                     s0 = int(start[0])
                     cache.truncate(n_txt + s0 - origin)
                     h, _ = self.run(xs[:, s0:s0 + width], None, rope, cache, temp=temp)
                     old, z = xs[:, s0 + 1:s0 + 1 + width], noise[:, s0:s0 + width]
-                    pos = None
+                    index = None
                 else:  # every sample at its own frontier
-                    pos = start[:, None] + torch.arange(width)  # (S, width) slots
                     index = rows(pos).to(xs.device)[..., None].expand(-1, -1, C)
                     h, _ = self.run(xs.gather(1, index), None, rope, cache, temp=temp, slots=rows(n_txt - origin + pos))
                     old, z = xs.gather(1, index + 1), noise.gather(1, index)
@@ -526,12 +529,11 @@ class MetaBlock(Transformer):
                 if width == 1:  # sequential decoding: every token is final
                     keep = end - start
                 else:
-                    keep = self._settled(new, old, start, end, computed, decoding, groups)
-                if pos is None:
+                    keep = self._settled(new, old, pos, valid, computed, decoding, groups)
+                if index is None:
                     xs[:, s0 + 1:s0 + 1 + width] = new
                 else:
-                    valid = rows(torch.arange(width) < (end - start)[:, None]).to(xs.device)[..., None]
-                    xs.scatter_(1, index + 1, torch.where(valid, new, old))
+                    xs.scatter_(1, index + 1, torch.where(rows(valid).to(xs.device)[..., None], new, old))
                 before = int(start.min())
                 start += keep
                 bar.update(int(start.min()) - before)
@@ -557,19 +559,18 @@ class MetaBlock(Transformer):
                 xs[s::S, a:b] = xs[s::S, a - frame:b - frame]
 
     @staticmethod
-    def _settled(new, old, start, end, computed, decoding, groups):
-        """How many leading tokens of each sample's window are final (at least 1, none for a finished sample)."""
-        S, width = start.size(0), new.size(1)
-        valid = torch.arange(width) < (end - start)[:, None]  # (S, width): the sample's own window
+    def _settled(new, old, pos, valid, computed, decoding, groups):
+        """How many leading tokens of each sample's window are final (at least 1, none for a finished sample).
+        pos, valid: (S, width) slots of each sample in this call, and which of them are in its own window."""
+        S, width = pos.shape
         per_sample = lambda t: t.view(groups, S, width).mean(0).cpu()
         change = per_sample((new - old).square().mean(2))
         scale = (per_sample(new.square().mean(2)) * valid).sum(1) / valid.sum(1).clamp(min=1)
-        pos = start[:, None] + torch.arange(width)
         computed.scatter_add_(1, pos, valid.long())
         settled = (change[:, :-1] < decoding.threshold * scale[:, None]) | \
             (computed.gather(1, pos[:, 1:]) >= decoding.max_iter)
         keep = 1 + (settled & valid[:, 1:]).long().cumprod(1).sum(1)
-        return torch.minimum(keep, end - start)
+        return torch.minimum(keep, valid.sum(1))
 
 
 class IdentityBlock(nn.Module):

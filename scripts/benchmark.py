@@ -25,7 +25,6 @@ import contextlib
 import importlib
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from transformer_flow import KVCache, Model, load_official_state_dict  # noqa: E402
 from utils.debug import randomize_weights  # noqa: E402
+from utils.decoding import interleaved, relative_error  # noqa: E402
 
 SHARED_MODULES = ("transformer_flow", "misc")
 
@@ -63,22 +63,15 @@ def model_kwargs(args):
                 soft_clip=4.0, seq_order="L2R")
 
 
-def interleaved(fns: dict, repeats: int):
-    """Time each function `repeats` times, taking turns so that all see the same machine load.
-    Returns {name: (best seconds, median seconds, last output)}."""
-    times, outs = {k: [] for k in fns}, {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            outs[name] = fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {k: (min(t), statistics.median(t), outs[k]) for k, t in times.items()}
-
-
-def rel_l2(a, b):
-    return ((a - b).norm() / b.norm()).item()
+def print_sampling(results: dict, width: int):
+    """One line per sampling run of `interleaved`: best and median time, relative L2 distance to the run named
+    "ours sequential (exact inverse)", and the time as a multiple of the official Jacobi run's, if there is one."""
+    exact = results["ours sequential (exact inverse)"][2]
+    base = next((best for name, (best, _, _) in results.items() if name.startswith("official Jacobi")), None)
+    for name, (best, median, x) in results.items():
+        ratio = f"  {best / base:5.2f}x official Jacobi" if base else ""
+        print(f"  {name:{width}s} {best:7.3f} s (median {median:.3f})   rel L2 to exact "
+              f"{relative_error(x, exact):.2e}{ratio}")
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -170,7 +163,7 @@ def config_benchmark(args, device):
     exact = results["sequential (exact)"][2]
     for name, (best, median, out) in results.items():
         print(f"  sampling, batch {args.batch}, {name}: {best:.3f} s (median {median:.3f}), "
-              f"rel L2 to exact {rel_l2(out, exact):.2e}")
+              f"rel L2 to exact {relative_error(out, exact):.2e}")
 
     for k in args.lengths if frames else []:
         long = torch.randn(1, k * frames, *shape[1:], generator=g).to(device)
@@ -244,14 +237,10 @@ def checkpoint_benchmark(args, device):
         runs["official sequential"] = lambda: reference(z, y, reverse=True, guidance=w)
     with torch.no_grad():
         results = interleaved(runs, args.repeats)
-    exact = results["ours sequential (exact inverse)"][2]
-    base = next((best for name, (best, _, _) in results.items() if name.startswith("official Jacobi")), None)
     rows = y.size(0) if y is not None else len(timed)
     print(f"{args.checkpoint}: {len(timed)} captions, guidance {w:g} (batch {rows} rows), latents "
           f"{tuple(z.shape[1:])}, {args.threads} threads, {device}; best and median of {args.repeats}, interleaved")
-    for name, (best, median, x) in results.items():
-        ratio = f"  {best / base:5.2f}x official Jacobi" if base else ""
-        print(f"  {name:58s} {best:7.3f} s (median {median:.3f})   rel L2 to exact {rel_l2(x, exact):.2e}{ratio}")
+    print_sampling(results, 58)
 
     try:
         for c in captions:
@@ -357,14 +346,10 @@ def main():
         runs["official Jacobi"] = lambda: reference(z, y, reverse=True, guidance=w, **official_jacobi)
     with torch.no_grad():
         results = interleaved(runs, args.repeats)
-    exact = results["ours sequential (exact inverse)"][2]
 
     print(f"sampling: {args.batch}x{args.latent_channels}x{args.latent_size}x{args.latent_size} latents, "
           f"guidance {w}, {args.threads} threads, {device}; best and median of {args.repeats}, interleaved")
-    base = results["official Jacobi"][0] if reference is not None else None
-    for name, (best, median, x) in results.items():
-        ratio = f"  {best / base:5.2f}x official Jacobi" if base else ""
-        print(f"  {name:34s} {best:7.3f} s (median {median:.3f})   rel L2 to exact {rel_l2(x, exact):.2e}{ratio}")
+    print_sampling(results, 34)
 
     x = torch.randn(args.train_batch, *shape[1:], generator=g).to(device)
     y_train = torch.randn(args.train_batch, args.txt_size, args.txt_dim, generator=g).to(device)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -107,14 +108,26 @@ def relative_error(x: torch.Tensor, exact: torch.Tensor) -> float:
     return ((x.float() - exact.float()).norm() / exact.float().norm()).item()
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """(seconds, output) of one call, CUDA work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start, out
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Time each function `repeats` times, taking turns so that all see the same machine load.
+    Returns {name: (best seconds, median seconds, last output)}."""
+    times, outs = {k: [] for k in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds, outs[name] = timed(fn)
+            times[name].append(seconds)
+    return {k: (min(t), statistics.median(t), outs[k]) for k, t in times.items()}
 
 
 def choose(options: list[list[tuple[float, float, BlockDecoding]]], budget: float) -> list[int]:
@@ -175,7 +188,7 @@ def calibrate(model: Model, z: torch.Tensor, y: torch.Tensor | None, guidance: f
                 bar.update()
                 if d in slow:
                     continue
-                t, out = _timed(lambda: decode(i, exact[i], d), device)
+                t, out = timed(lambda: decode(i, exact[i], d))
                 seconds[d] = min(seconds[d], t)
                 if d not in errors:
                     errors[d] = relative_error(finish(i, out), final)
@@ -220,12 +233,9 @@ def calibrate(model: Model, z: torch.Tensor, y: torch.Tensor | None, guidance: f
 
 def _compare(model, z, y, guidance, plan, repeats) -> tuple[float, float, float]:
     """(sequential seconds, plan seconds, plan error) of whole-model decoding, best of `repeats` taken in turns."""
-    seq_s = plan_s = math.inf
-    for _ in range(repeats):
-        t, exact = _timed(lambda: model.reverse(z, y, guidance=guidance, jacobi=False), z.device)
-        seq_s = min(seq_s, t)
-        t, out = _timed(lambda: model.reverse(z, y, guidance=guidance, decoding=plan), z.device)
-        plan_s = min(plan_s, t)
+    results = interleaved({"sequential": lambda: model.reverse(z, y, guidance=guidance, jacobi=False),
+                           "plan": lambda: model.reverse(z, y, guidance=guidance, decoding=plan)}, repeats)
+    (seq_s, _, exact), (plan_s, _, out) = results["sequential"], results["plan"]
     return seq_s, plan_s, relative_error(out, exact)
 
 
