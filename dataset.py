@@ -9,12 +9,13 @@ Three sources (`--dataset`): `shapes`, coloured shapes drawn from a seed (tests 
 images or .mp4 videos under `--data` with captions beside them; `webdataset`, tar shards. With `--mix_aspect` each
 sample goes to the bucket of the nearest official aspect ratio and every batch holds one bucket.
 """
-import csv
+import dataclasses
 import io
 import itertools
 import json
 import math
 import random
+import tarfile
 import tempfile
 import zlib
 from collections import Counter, defaultdict
@@ -26,8 +27,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from utils.config import ASPECT_RATIOS
+from utils.files import IMAGE_EXTS, decode_text, image_size, read_caption_table, read_image, read_text
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTS = (".mp4",)
 
 
@@ -182,34 +183,33 @@ def read_video(source: str | Path, frames: int, fps: int | None, rng: np.random.
 
 
 def decode(source, video: bool, frames: int, fps: int | None, rng: np.random.Generator, where) -> tuple:
-    """(uint8 pixels, fps) of an image (fps 0) or of `frames` video frames at `fps` (see read_video); an unreadable
-    file is a ValueError naming `where`."""
+    """(uint8 pixels, fps) of an image (fps 0; as a viewer shows it, see utils.files.read_image) or of `frames`
+    video frames at `fps` (see read_video); an unreadable file is a ValueError naming `where`."""
+    if not video:
+        return read_image(source, where), 0
     try:
-        if video:
-            return read_video(source, frames, fps, rng)
-        with Image.open(source) as img:
-            return np.asarray(img.convert("RGB")), 0
+        return read_video(source, frames, fps, rng)
     except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{where}: not a readable {'video' if video else 'image'} ({err})") from None
+        raise ValueError(f"{where}: not a readable video ({err})") from None
 
 
 def _header_size(path: Path, video: bool) -> tuple[int, int]:
-    """(width, height) from the file's header (ffmpeg's metadata for a video)."""
+    """(width, height) as displayed, from the file's header (ffmpeg's metadata for a video)."""
+    if not video:
+        return image_size(path)
     try:
-        if video:
-            with imageio.get_reader(path, "ffmpeg") as reader:
-                return tuple(reader.get_meta_data()["size"])
-        with Image.open(path) as img:
-            return img.size
+        with imageio.get_reader(path, "ffmpeg") as reader:
+            return tuple(reader.get_meta_data()["size"])
     except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable {'video' if video else 'image'} ({err})") from None
+        raise ValueError(f"{path}: not a readable video ({err})") from None
 
 
 class FolderDataset:
-    """Captioned images (.png/.jpg/.jpeg/.webp) or, when frames > 1, .mp4 videos anywhere under `root`.
+    """Captioned pictures (utils.files.IMAGE_EXTS) or, when frames > 1, .mp4 videos anywhere under `root`.
 
     A caption comes from the sidecar `<stem>.txt` next to the file, else from `captions.jsonl` (lines
-    {"file": "relative/path.png", "caption": "..."}) or `captions.csv` (header file,caption) at the root. Every file's
+    {"file": "relative/path.png", "caption": "..."}) or `captions.csv` (a header row, e.g. file,caption) at the root;
+    the names accepted for the two columns and the text encodings read are those of utils.files.  Every file's
     header (ffmpeg metadata for videos) is read once here, so unreadable files fail at the start, not mid-training.
     """
     flippable = True
@@ -226,7 +226,7 @@ class FolderDataset:
         self.captions = []
         for path in self.files:
             sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text().strip() if sidecar.is_file() else listed.get(path)
+            caption = read_text(sidecar).strip() if sidecar.is_file() else listed.get(path)
             if caption is None:
                 raise ValueError(f"{path}: no caption (no {sidecar.name} beside it, and not in captions.jsonl/.csv "
                                  f"under {self.root})")
@@ -234,27 +234,13 @@ class FolderDataset:
         self.sizes = [_header_size(p, frames > 1) for p in self.files]
 
     def _caption_index(self) -> dict[Path, str]:
-        entries = []  # (index file, file named, caption)
-        index = self.root / "captions.csv"
-        if index.is_file():
-            with open(index, newline="") as f:
-                entries += [(index, row["file"], row["caption"]) for row in csv.DictReader(f)]
-        index = self.root / "captions.jsonl"
-        if index.is_file():
-            for n, line in enumerate(index.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    entries.append((index, entry["file"], entry["caption"]))
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{index}:{n}: expected {{\"file\": ..., \"caption\": ...}}") from None
         captions = {}
-        for index, name, caption in entries:
-            path = self.root / name
-            if not path.is_file():
-                raise FileNotFoundError(f"{index}: names {path}, which does not exist")
-            captions[path] = caption.strip()
+        for index in (self.root / "captions.csv", self.root / "captions.jsonl"):
+            for n, name, caption in read_caption_table(index) if index.is_file() else []:
+                path = self.root / name.strip()
+                if not path.is_file():
+                    raise FileNotFoundError(f"{index}:{n}: names {path}, which does not exist")
+                captions[path] = caption.strip()
         return captions
 
     def __len__(self) -> int:
@@ -300,15 +286,26 @@ class Transform:
 def _crop_resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
     """The largest centered crop of aspect w/h, resized to (h, w); PIL filters with a wider support when shrinking."""
     H, W = frame.shape[:2]
-    if (H, W) == (h, w):
+    if (h, w) == (H, W):
         return frame
     cw, ch = min(W, H * w / h), min(H, W * h / w)
     box = ((W - cw) / 2, (H - ch) / 2, (W + cw) / 2, (H + ch) / 2)
     return np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC, box=box))
 
 
-def _collate(items: list) -> tuple[torch.Tensor, list[str], dict]:
+@dataclasses.dataclass
+class Unreadable:
+    """A sample that could not be loaded, with the one-line reason naming its file.  Loading errors travel from
+    DataLoader workers as this value, and Loader raises them as ValueError in the training process, so that the user
+    reads the same line with any --num_workers (a worker's own exception would arrive wrapped in its traceback)."""
+    reason: str
+
+
+def _collate(items: list) -> "tuple[torch.Tensor, list[str], dict] | Unreadable":
     """[(x, caption, fps, index, ratio)] -> (x (B, ...), captions, meta); a batch holds one ratio."""
+    failed = next((item for item in items if isinstance(item, Unreadable)), None)
+    if failed is not None:
+        return failed
     x, captions, fps, index, ratios = zip(*items)
     return torch.stack(x), list(captions), {"fps": torch.tensor(fps, dtype=torch.long), "aspect_ratio": ratios[0],
                                             "index": torch.tensor(index, dtype=torch.long)}
@@ -363,7 +360,10 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch, ratio = key
         rng = np.random.default_rng([self.seed, epoch, index])
-        pixels, caption, fps = self.source.load(index, rng)
+        try:
+            pixels, caption, fps = self.source.load(index, rng)
+        except ValueError as err:  # names the file (see Unreadable)
+            return Unreadable(str(err))
         return self.transform(pixels, ratio, rng), caption, fps, index, ratio
 
 
@@ -399,6 +399,8 @@ class Loader:
     def __iter__(self):
         epoch = self.epoch
         for batch in self.epoch_batches(epoch, self.position):
+            if isinstance(batch, Unreadable):
+                raise ValueError(batch.reason)
             self.position += 1
             yield batch
         self.epoch, self.position = epoch + 1, 0
@@ -408,8 +410,10 @@ class Loader:
 # Tar shards: a stream
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless one-bucket batches from tar shards: members <key>.png|jpg|jpeg|webp (or <key>.mp4 for video) with
-    <key>.txt or <key>.json ({"caption": ...}).
+    """Endless one-bucket batches from tar shards: members <key>.png|jpg|... (utils.files.IMAGE_EXTS; <key>.mp4 for
+    video) with <key>.txt or <key>.json ({"caption": ...}).  As in webdataset, a member's key is its path up to the
+    first dot of its base name and the rest is its extension, so `a.b.png` is member `b.png` of sample `a`: members
+    are matched by their last suffix.
 
     The caller gives each rank its own shards; each DataLoader worker takes every num_workers-th of them and buckets
     its own samples, emitting a batch when a bucket fills. Shard order and a small sample buffer are shuffled from
@@ -425,13 +429,20 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _decode(self, sample: dict) -> tuple:
         where = f"{sample['__url__']}: sample {sample['__key__']}"
         exts = VIDEO_EXTS if self.frames > 1 else IMAGE_EXTS
-        media = next((e[1:] for e in exts if e[1:] in sample), None)
+        members = {k.rsplit(".", 1)[-1].lower(): k for k in sample if not k.startswith("__")}
+        media = next((members[e[1:]] for e in exts if e[1:] in members), None)
         if media is None:
-            raise ValueError(f"{where}: no {'/'.join(exts)} member")
-        caption = json.loads(sample["json"]).get("caption") if "json" in sample else None
-        caption = sample["txt"].decode() if "txt" in sample else caption
+            raise ValueError(f"{where}: no {'/'.join(exts)} member (it has: {', '.join(members.values())})")
+        caption = None
+        if "json" in members:
+            try:
+                caption = json.loads(decode_text(sample[members["json"]], f"{where}.{members['json']}"))["caption"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{where}: {members['json']} is not a JSON object with a \"caption\"") from None
+        if "txt" in members:
+            caption = decode_text(sample[members["txt"]], f"{where}.{members['txt']}")
         if caption is None:
-            raise ValueError(f"{where}: no caption (.txt, or .json with a \"caption\" field)")
+            raise ValueError(f"{where}: no caption (a .txt member, or .json with a \"caption\" field)")
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(where.encode())])
         if self.frames > 1:
             with tempfile.NamedTemporaryFile(suffix=".mp4") as f:  # ffmpeg reads files, not bytes
@@ -444,13 +455,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self.transform(pixels, ratio, rng), caption.strip(), round(fps), -1, ratio
 
     def __iter__(self):
-        import webdataset as wds  # imported here: it takes a second, and only this source needs it
-
+        """Batches, or one Unreadable naming the shard (and sample) that could not be read, then the end."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         shards = self.shards[worker::workers]
         if not shards:  # more workers than this rank's shards
             return
+        try:
+            yield from self._batches(shards, worker)
+        except ValueError as err:  # a sample: names its shard and key
+            yield Unreadable(str(err))
+        except (OSError, tarfile.TarError) as err:  # a shard that is not a readable tar file
+            yield Unreadable(f"shards {', '.join(shards)}: not readable as tar files ({type(err).__name__}: {err})")
+
+    def _batches(self, shards: list[str], worker: int):
+        import webdataset as wds  # imported here: it takes a second, and only this source needs it
+
         pending = defaultdict(list)
         for rnd in itertools.count():
             order = np.random.default_rng([self.seed, self.epoch, worker, rnd]).permutation(len(shards))

@@ -28,7 +28,16 @@ from tqdm import tqdm
 
 from dataset import ShapesDataset, Transform, build_loader, parse_vid_size
 from misc.losses import LPIPS, AutoencoderLoss
-from utils.config import ConfigError, add_data_args, build_parser, parse_config, run_cli
+from utils.config import (
+    ConfigError,
+    add_data_args,
+    add_device_args,
+    add_finetune_args,
+    add_optimization_args,
+    build_parser,
+    parse_config,
+    run_cli,
+)
 from utils.hub import PretrainedNotFound, resolve_pretrained
 from utils.media import save_image, save_video
 from utils.training import learning_rate
@@ -36,42 +45,10 @@ from utils.vae import LatentVAE, setup_vae
 
 DECODER_FILE = "decoder.safetensors"
 TRAINED_PREFIXES = ("decoder.", "post_quant_conv.")  # what mode (a) trains and saves
-
-
-def add_finetune_args(p):
-    g = p.add_argument_group("decoder fine-tuning")
-    g.add_argument("--train_autoencoder", type=int, default=0, help="train a small AutoencoderKL from scratch")
-    g.add_argument("--ae_channels", type=int, nargs="+", default=[16, 32, 32],
-                   help="(b) block widths; each block after the first halves the resolution")
-    g.add_argument("--ae_layers_per_block", type=int, default=1)
-    g.add_argument("--ae_norm_groups", type=int, default=8)
-    g.add_argument("--ae_latent_channels", type=int, default=4)
-    g.add_argument("--kl_weight", type=float, default=1e-6,
-                   help="(b) KL weight relative to the reconstruction error summed over pixels (as in LDM)")
-    g.add_argument("--lpips_weights", type=str, default="ckpts/lpips_vgg16.safetensors",
-                   help="VGG16 features + LPIPS linear layers (see misc.losses.LPIPS); absent: no LPIPS term")
-    g.add_argument("--lpips_weight", type=float, default=1.1)
-    g.add_argument("--disc_weight", type=float, default=0.1, help="GAN loss weight (0: no discriminator)")
-    g.add_argument("--disc_start", type=int, default=0, help="steps before the GAN loss starts")
-    g.add_argument("--disc_channels", type=int, default=64)
-    g.add_argument("--lecam_weight", type=float, default=0.001)
-    g.add_argument("--wavelet_weight", type=float, default=0.5, help="3-D Haar wavelet loss (video only)")
-    g.add_argument("--use_3d_disc", type=int, default=0, help="video: a 3-D discriminator instead of per frame")
-    g.add_argument("--inception_weights", type=Path, default=Path("ckpts/inception-2015-12-05.pt"),
-                   help="TorchScript Inception-v3 feature extractor for rFID; absent: no rFID")
-    g.add_argument("--eval_images", type=int, default=64, help="held-out images for the evaluation")
-    g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--epoch_length", type=int, default=4096, help="samples per epoch")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_steps", type=int, default=100)
-    g.add_argument("--grad_clip", type=float, default=1.0)
-    g.add_argument("--train_seed", type=int, default=None)
-    g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--num_workers", type=int, default=0, help="data-loading processes")
-    g.add_argument("--log_every", type=int, default=50, help="print one line of metrics every N steps")
+GROUPS = (add_data_args, add_optimization_args, add_finetune_args, add_device_args)
+# Defaults of this entry point for the shared optimisation flags (utils.config.add_optimization_args).
+DEFAULTS = dict(batch_size=32, epochs=10, epoch_length=4096, warmup_steps=100, grad_clip=1.0, log_every=50,
+                num_workers=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +245,7 @@ def train_step(vae, losses, opt, opt_disc, params, x, step: int, args, lr: float
 
 
 def main(argv=None):
-    parser = build_parser(add_data_args, add_finetune_args, description=__doc__)
+    parser = build_parser(*GROUPS, description=__doc__, defaults=DEFAULTS)
     args = parse_config(parser, argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     frames, _ = parse_vid_size(args.vid_size)

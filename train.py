@@ -19,37 +19,39 @@ from tqdm import tqdm
 
 from dataset import build_loader
 from transformer_flow import bits_per_dim
-from utils.config import (RUN_KEYS, ConfigError, add_data_args, add_model_args, add_sampling_args,
-                          add_training_args, build_parser, parse_config, run_cli)
+from utils.config import (
+    RUN_KEYS,
+    ConfigError,
+    add_data_args,
+    add_device_args,
+    add_model_args,
+    add_optimization_args,
+    add_sampling_args,
+    add_training_args,
+    build_parser,
+    parse_config,
+    run_cli,
+)
 from utils.hub import local_path
 from utils.media import save_image, save_video
 from utils.model_setup import load_weights, setup_transformer
-from utils.text import encode_text, setup_encoder
-from utils.training import (EMA, export_weights, init_processes, latest_checkpoint, learning_rate, load_checkpoint,
-                            parallelize, save_checkpoint, shard_frozen, unwrap)
+from utils.text import TextEncoder
+from utils.training import (
+    EMA,
+    TrainState,
+    export_weights,
+    init_processes,
+    latest_checkpoint,
+    learning_rate,
+    load_checkpoint,
+    parallelize,
+    save_checkpoint,
+    shard_frozen,
+    unwrap,
+)
 from utils.vae import setup_vae
 
-
-def add_run_args(p):
-    g = p.add_argument_group("run")
-    g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="compute precision (auto: bf16 on GPU, fp32 on CPU); fp16 uses loss scaling")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: --epochs)")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the weights (0: none)")
-    g.add_argument("--denoiser_lr", type=float, default=1e-4, help="learning rate of the learnable self-denoiser")
-    g.add_argument("--save_every_steps", type=int, default=0, help="also checkpoint every N steps")
-    g.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
-    g.add_argument("--log_every", type=int, default=10, help="print one line of metrics every N steps")
-    g.add_argument("--num_workers", type=int, default=2, help="data-loading processes per rank")
-    g.add_argument("--wandb", type=int, default=0, help="log to Weights & Biases (WANDB_MODE=offline works)")
-    g.add_argument("--export_name", type=str, default="model.safetensors",
-                   help="consolidated weights in the logdir: .safetensors (with the config) or .pth (official)")
-    g.add_argument("--export_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="precision of the exported weights (fp16: half the size; loading casts back)")
-
-
-GROUPS = (add_model_args, add_data_args, add_training_args, add_sampling_args, add_run_args)
+GROUPS = (add_model_args, add_data_args, add_optimization_args, add_training_args, add_sampling_args, add_device_args)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --precision, --export_dtype
 
 
@@ -80,13 +82,8 @@ class Step:
         if latents.dim() == 5 and args.drop_image > 0 and rand(1).item() < args.drop_image:
             latents, captions = latents[:, 1:], [f"(extend) {c}" for c in captions]  # learn to extend a clip
         captions = ["" if r < args.drop_label else c for c, r in zip(captions, rand(len(captions)).tolist())]
-        y = None
-        if self.text is not None:
-            tokenizer, encoder = self.text
-            y = encode_text(encoder, tokenizer, captions, args.txt_size, device,
-                            aspect_ratio=meta["aspect_ratio"] if args.mix_aspect else None,
-                            fps=meta["fps"] if args.fps_cond else None,
-                            noise_std=args.noise_std if args.cond_noise_level else None)
+        y = None if self.text is None else \
+            self.text(captions, device, aspect_ratio=meta["aspect_ratio"], fps=meta["fps"], noise_std=args.noise_std)
         return latents.requires_grad_(self.opt_denoiser is not None), y
 
     def micro_step(self, batch, last: bool) -> dict:
@@ -178,15 +175,9 @@ def sample_grid(args, model, vae, text, batch, procs, step: int):
     model.eval()
     shape = (vae.encode(x[:1].to(procs.device)) if vae is not None else x[:1]).shape[1:]
     noise = torch.randn(n, *shape, device=procs.device)
-    y, cfg = None, args.cfg if text is not None else 0.0
-    if text is not None:
-        wrap = dict(aspect_ratio=meta["aspect_ratio"] if args.mix_aspect else None,
-                    fps=meta["fps"][:1].expand(2 * n) if args.fps_cond else None,
-                    noise_std=args.noise_std if args.cond_noise_level else None)
-        tokenizer, encoder = text
-        y = encode_text(encoder, tokenizer, list(captions[:n]) + [""] * n if cfg > 0 else list(captions[:n]),
-                        args.txt_size, procs.device, **wrap)
-        y = y if cfg > 0 else y[:n]
+    cfg = args.cfg if text is not None else 0.0
+    y = None if text is None else text(captions[:n], procs.device, aspect_ratio=meta["aspect_ratio"],
+                                       fps=meta["fps"][:n], noise_std=args.noise_std, unconditional=cfg > 0)
     latents = model.reverse(noise, y, guidance=cfg,
                             context_length=args.local_attn_window and args.local_attn_window - 1)
     pixels = vae.decode(latents) if vae is not None else latents
@@ -199,125 +190,142 @@ def sample_grid(args, model, vae, text, batch, procs, step: int):
         print(f"samples: {path}")
 
 
-def main(argv=None):
-    parser = build_parser(*GROUPS, description=__doc__)
-    args = parse_config(parser, argv)
-    procs = init_processes(args.device)
-    precision = args.precision if args.precision != "auto" else ("bf16" if procs.device.type == "cuda" else "fp32")
-    logdir = Path(args.logdir)
-    torch.manual_seed(args.train_seed or 0)  # the same initial weights on every rank
-
-    text = setup_encoder(args.text, procs.device) if args.text else None
+def build(args, procs):
+    """(text encoder, VAE, model, data loader) of a run configuration; the model's input channels must be the VAE's."""
+    text = TextEncoder.from_args(args, procs.device)
     if text is not None and args.fsdp and args.fsdp_text_encoder and procs.world_size > 1:
-        text = (text[0], shard_frozen(text[1], procs))
+        text.encoder = shard_frozen(text.encoder, procs)
     vae = setup_vae(args.vae, args.finetuned_vae, procs.device) if args.vae else None
     channels = vae.latent_channels if vae is not None else 3
     if args.channel_size != channels:
         raise ConfigError(f"--channel_size {args.channel_size} does not match the "
                           f"{'VAE' if vae else 'pixels (no --vae)'}: {channels} channels")
     factor = vae.downsample_factor if vae is not None else 1
-    model = setup_transformer(args, text[1].config.hidden_size if text else 0, factor).to(procs.device)
+    model = setup_transformer(args, text.width if text else 0, factor).to(procs.device)
     loader = build_loader(args, procs.rank, procs.world_size, factor * args.patch_size, args.num_workers)
-    latest = latest_checkpoint(logdir / "checkpoints")
-    resume = local_path(args.resume_path) if args.resume_path else latest
-    if resume is not None and resume.is_file():  # a weights file (e.g. an official .pth) initialises a new run
-        if latest is not None:  # ... but a run under way in the logdir goes on from where it stopped
-            if procs.main:
-                print(f"--resume_path {resume} only initialises a new run; {logdir} holds one under way")
-            resume = latest
-        else:
-            load_weights(model, resume)
-            if procs.main:
-                print(f"initialised the weights from {resume}; a new run starts at step 0")
-            resume = None
-    net = parallelize(model, procs, bool(args.fsdp), bf16=precision == "bf16")
-    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
-    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("learnable_self_denoiser")],
-                            lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    return text, vae, model, loader
+
+
+def optimizers_of(args, model) -> tuple:
+    """AdamW for the flow (and one for the learnable self-denoiser, else None), as in the official training."""
+    flow = [p for n, p in model.named_parameters() if not n.startswith("learnable_self_denoiser")]
+    opt = torch.optim.AdamW(flow, lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-4)
     opt_denoiser = torch.optim.AdamW(model.learnable_self_denoiser.parameters(), lr=args.denoiser_lr,
                                      weight_decay=1e-4) if args.learnable_self_denoiser else None
-    optimizers = [o for o in (opt, opt_denoiser) if o is not None]
+    return opt, opt_denoiser
+
+
+def resume_source(args, model, procs) -> Path | None:
+    """The checkpoint folder the run continues from: the newest in <logdir>/checkpoints, else --resume_path.  A
+    weights file given as --resume_path (e.g. an official .pth) initialises a new run instead, unless one is under
+    way in the logdir."""
+    logdir = Path(args.logdir)
+    latest = latest_checkpoint(logdir / "checkpoints")
+    resume = local_path(args.resume_path) if args.resume_path else latest
+    if resume is None or not resume.is_file():
+        return resume
+    if latest is not None:
+        if procs.main:
+            print(f"--resume_path {resume} only initialises a new run; {logdir} holds one under way")
+        return latest
+    load_weights(model, resume)
+    if procs.main:
+        print(f"initialised the weights from {resume}; a new run starts at step 0")
+    return None
+
+
+def save(args, state: TrainState, net, procs):
+    """A checkpoint to continue from, and the consolidated weights for sampling."""
+    logdir = Path(args.logdir)
+    path = save_checkpoint(logdir / "checkpoints", state, procs, args.keep_checkpoints)
+    export_weights(net, logdir / args.export_name, procs, state.ema, state.run, DTYPES[args.export_dtype])
+    if procs.main:
+        print(f"checkpoint: {path}; weights for sampling: {logdir / args.export_name}")
+
+
+def train(args, state: TrainState, step_fn: Step, procs, total: int, warmup: int):
+    """The training loop from state.step to `total` steps: metrics to metrics.jsonl (and W&B), one line every
+    --log_every steps, a sample grid every --sample_freq epochs, checkpoints every --save_every epochs and
+    --save_every_steps steps, and at the end."""
+    logdir, net, loader = Path(args.logdir), step_fn.net, state.loader
+    wandb_run = None
+    if args.wandb and procs.main:
+        import wandb
+        wandb_run = wandb.init(project="starflow", name=args.wandb_name, config=vars(args), dir=str(logdir))
+    bar = tqdm(total=1 if args.dry_run else total, initial=state.step, disable=not procs.main, desc="training",
+               dynamic_ncols=True)
+    logdir.mkdir(parents=True, exist_ok=True)
+    metrics_file = (logdir / "metrics.jsonl").open("a") if procs.main and not args.dry_run else None
+    done, start_time, batch = state.step >= total, time.perf_counter(), None
+    try:  # the bar ends its line before an error is printed
+        while not done and state.epoch < args.epochs:
+            micro = []
+            for batch in loader:
+                micro.append(batch)
+                if len(micro) < args.acc:
+                    continue
+                metrics = step_fn(micro, state.step, warmup, total)
+                micro, state.step = [], state.step + 1
+                metrics["samples_per_s"] = args.batch_size / max(time.perf_counter() - start_time, 1e-9)
+                start_time = time.perf_counter()
+                bar.update(1)
+                if metrics_file:
+                    metrics_file.write(json.dumps({"step": state.step, "epoch": state.epoch, **metrics}) + "\n")
+                    metrics_file.flush()
+                if wandb_run:
+                    wandb_run.log(metrics, step=state.step)
+                if procs.main and (state.step % args.log_every == 0 or state.step == 1):
+                    bar.write(f"step {state.step} epoch {state.epoch} " +
+                              " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                done = state.step >= total or args.dry_run
+                if args.save_every_steps and state.step % args.save_every_steps == 0 and not args.dry_run:
+                    save(args, state, net, procs)
+                if done:
+                    break
+            if not done:
+                state.epoch += 1
+                loader.set_epoch(state.epoch)
+            if args.dry_run or (args.sample_freq and (done or state.epoch % args.sample_freq == 0)):
+                sample_grid(args, unwrap(net), step_fn.vae, step_fn.text, batch, procs, state.step)
+            if not args.dry_run and (done or state.epoch % args.save_every == 0):
+                save(args, state, net, procs)
+    finally:
+        bar.close()
+    if wandb_run:
+        wandb_run.finish()
+
+
+def main(argv=None):
+    args = parse_config(build_parser(*GROUPS, description=__doc__), argv)
+    procs = init_processes(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if procs.device.type == "cuda" else "fp32")
+    torch.manual_seed(args.train_seed or 0)  # the same initial weights on every rank
+    text, vae, model, loader = build(args, procs)
+    resume = resume_source(args, model, procs)
+    net = parallelize(model, procs, bool(args.fsdp), bf16=precision == "bf16")
+    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    opt, opt_denoiser = optimizers_of(args, model)
     step_fn = Step(args, net, model, vae, text, (opt, opt_denoiser), ema, procs, precision)
+    state = TrainState(net, [o for o in (opt, opt_denoiser) if o is not None], ema, loader, step_fn.generator,
+                       procs.device, dataclasses.asdict(model.config), {k: getattr(args, k) for k in RUN_KEYS})
 
     steps_per_epoch = len(loader) // args.acc
     if steps_per_epoch == 0:
         raise ConfigError(f"an epoch holds {len(loader)} batches per process, fewer than --acc {args.acc}")
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = args.warmup_steps if args.warmup_steps is not None else steps_per_epoch
-    step, epoch = 0, 0
     if resume is not None:
-        extra = load_checkpoint(resume, net, optimizers, ema, procs)
-        step, epoch = extra["step"], extra["epoch"]
-        torch.set_rng_state(extra["rng"]["torch"])
-        step_fn.generator.set_state(extra["rng"]["generator"])
-        if extra["rng"].get("cuda") is not None and procs.device.type == "cuda":
-            torch.cuda.set_rng_state(extra["rng"]["cuda"], procs.device)
-        loader.load_state_dict(extra["loader"])
+        load_checkpoint(resume, state, procs)
         if procs.main:
-            print(f"resuming from {resume} at step {step} (epoch {epoch})")
+            print(f"resuming from {resume} at step {state.step} (epoch {state.epoch})")
     else:
         loader.set_epoch(0)
         if procs.main:
-            print(f"starting a new run in {logdir} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+            print(f"starting a new run in {args.logdir} ({sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"{procs.world_size} process(es), {procs.device}, {precision})")
-
-    wandb_run = None
-    if args.wandb and procs.main:
-        import wandb
-        wandb_run = wandb.init(project="starflow", name=args.wandb_name, config=vars(args), dir=str(logdir))
-
-    model_config = dataclasses.asdict(model.config)
-    run = {k: getattr(args, k) for k in RUN_KEYS}
-
-    def checkpoint():
-        extra = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "config": model_config, "run": run,
-                 "rng": {"torch": torch.get_rng_state(), "generator": step_fn.generator.get_state(),
-                         "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}}
-        path = save_checkpoint(logdir / "checkpoints", step, net, optimizers, ema, extra, procs, args.keep_checkpoints)
-        export_weights(net, logdir / args.export_name, procs, ema, run, DTYPES[args.export_dtype])
-        if procs.main:
-            print(f"checkpoint: {path}; weights for sampling: {logdir / args.export_name}")
-
-    bar = tqdm(total=1 if args.dry_run else total, initial=step, disable=not procs.main, desc="training",
-               dynamic_ncols=True)
-    logdir.mkdir(parents=True, exist_ok=True)
-    metrics_file = (logdir / "metrics.jsonl").open("a") if procs.main and not args.dry_run else None
-    done, start_time, batch = step >= total, time.perf_counter(), None
-    while not done and epoch < args.epochs:
-        micro = []
-        for batch in loader:
-            micro.append(batch)
-            if len(micro) < args.acc:
-                continue
-            metrics = step_fn(micro, step, warmup, total)
-            micro, step = [], step + 1
-            metrics["samples_per_s"] = args.batch_size / max(time.perf_counter() - start_time, 1e-9)
-            start_time = time.perf_counter()
-            bar.update(1)
-            if metrics_file:
-                metrics_file.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
-                metrics_file.flush()
-            if wandb_run:
-                wandb_run.log(metrics, step=step)
-            if procs.main and (step % args.log_every == 0 or step == 1):
-                bar.write(f"step {step} epoch {epoch} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            done = step >= total or args.dry_run
-            if args.save_every_steps and step % args.save_every_steps == 0 and not args.dry_run:
-                checkpoint()
-            if done:
-                break
-        if not done:
-            epoch += 1
-            loader.set_epoch(epoch)
-        if args.dry_run or (args.sample_freq and (done or epoch % args.sample_freq == 0)):
-            sample_grid(args, unwrap(net), vae, text, batch, procs, step)
-        if not args.dry_run and (done or epoch % args.save_every == 0):
-            checkpoint()
-    bar.close()
-    if wandb_run:
-        wandb_run.finish()
+    train(args, state, step_fn, procs, total, warmup)
     if procs.main:
-        print(f"done at step {step}: outputs in {logdir}")
+        print(f"done at step {state.step}: outputs in {args.logdir}")
 
 
 if __name__ == "__main__":

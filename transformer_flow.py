@@ -12,7 +12,8 @@ Parameter names follow the official release, so its checkpoints load with `load_
 """
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -526,10 +527,8 @@ class MetaBlock(Transformer):
                     old, z = xs.gather(1, index + 1), noise.gather(1, index)
                 mu, sigma = self.params(h, guidance)
                 new = mu + sigma * z
-                if width == 1:  # sequential decoding: every token is final
-                    keep = end - start
-                else:
-                    keep = self._settled(new, old, pos, valid, computed, decoding, groups)
+                # sequential decoding: every token is final
+                keep = end - start if width == 1 else self._settled(new, old, pos, valid, computed, decoding, groups)
                 if index is None:
                     xs[:, s0 + 1:s0 + 1 + width] = new
                 else:

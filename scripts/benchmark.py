@@ -1,9 +1,9 @@
 """Speed of sampling and training, ours beside the official code on the same weights.
 
-    python scripts/benchmark.py --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --official ../ml-starflow
-    python scripts/benchmark.py --checkpoint CKPT.pth --config ITS.yaml --captions caps.txt --official ../ml-starflow
-    python scripts/benchmark.py                          # random weights, ours alone
-    python scripts/benchmark.py --official ../ml-starflow  # random weights, side by side, with ratios
+    python -m scripts.benchmark --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --official ../ml-starflow
+    python -m scripts.benchmark --checkpoint CKPT.pth --config ITS.yaml --captions caps.txt --official ../ml-starflow
+    python -m scripts.benchmark                          # random weights, ours alone
+    python -m scripts.benchmark --official ../ml-starflow  # random weights, side by side, with ratios
 
 With --checkpoint: sampling of a trained checkpoint (ours: its calibrated decoding plan, else the default plan; and
 exact sequential decoding), beside the official code (--official: its Jacobi decoding at the settings of its example
@@ -22,6 +22,7 @@ sequential decoding bit for bit).  2 CPU threads by default.
 """
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import os
 import resource
@@ -31,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from transformer_flow import KVCache, Model, load_official_state_dict  # noqa: E402
-from utils.debug import randomize_weights  # noqa: E402
-from utils.decoding import interleaved, relative_error  # noqa: E402
+from transformer_flow import KVCache, Model, ModelConfig, load_official_state_dict
+from utils.config import add_device_args
+from utils.debug import randomize_weights
+from utils.decoding import interleaved, relative_error
 
 SHARED_MODULES = ("transformer_flow", "misc")
 
@@ -56,11 +56,17 @@ def import_official(path: Path):
     return module
 
 
-def model_kwargs(args):
-    return dict(in_channels=args.latent_channels, img_size=args.latent_size, patch_size=1, channels=args.channels,
-                num_blocks=len(args.layers), layers_per_block=args.layers, head_dim=args.head_dim, rope=1, sos=1,
-                txt_size=args.txt_size, txt_dim=args.txt_dim, cond_top_only=1, use_softplus=1, use_final_norm=1,
-                soft_clip=4.0, seq_order="L2R")
+def random_setting(args) -> dict:
+    """The ModelConfig of the random-weight setting, written as the model flags a user would type."""
+    from utils.config import add_data_args, add_model_args, build_parser, model_options
+
+    flags = ["--channel_size", args.latent_channels, "--img_size", args.latent_size, "--patch_size", 1,
+             "--channels", args.channels, "--layers_per_block", *args.layers, "--head_dim", args.head_dim,
+             "--txt_size", args.txt_size, "--sos", "--cond_top_only", "--use_softplus", "--use_final_norm",
+             "--soft_clip", 4, "--seq_order", "L2R"]
+    parsed = build_parser(add_model_args, add_data_args).parse_args([str(f) for f in flags])
+    options = model_options(parsed, args.txt_dim, downsample_factor=1)
+    return dataclasses.asdict(ModelConfig(**options))
 
 
 def print_sampling(results: dict, width: int):
@@ -96,10 +102,8 @@ def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count from the current RSS
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # Linux: restart the peak-RSS count from the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
 
 
 def current_memory_mb(device):
@@ -131,8 +135,8 @@ def config_benchmark(args, device):
     or text encoder needed).  For video models, --lengths also samples 1x, 2x, ... the trained number of frames with
     a sliding window of the trained length and with full attention, and reports the deep block's KV-cache memory
     (what grows with the length) and, on CUDA, the peak allocated memory."""
-    from utils.config import GROUPS, build_parser, parse_config
     from dataset import parse_vid_size
+    from utils.config import GROUPS, build_parser, parse_config
     from utils.model_setup import setup_transformer, text_width, vae_downsample_factors
 
     cfg = parse_config(build_parser(*GROUPS), ["--model_config_path", str(args.config)])
@@ -186,22 +190,22 @@ def config_benchmark(args, device):
 def checkpoint_benchmark(args, device):
     """Sampling of a trained checkpoint: ours (default and exact decoding) beside the official code (Jacobi and
     sequential) on the same weights, noise and text; caption accuracy for shapes checkpoints."""
-    import dataclasses
-
     import sample
     from dataset import parse_vid_size
     from scripts.eval_shapes import evaluate, make_captions, parse_caption, report
-    from utils.config import ConfigError, parse_config
+    from utils import sampling
+    from utils.config import ConfigError, build_parser, parse_config
+    from utils.decoding import plan_path
     from utils.media import to_uint8
+    from utils.model_setup import stored_metadata
     from utils.training import init_processes
 
     flags = ["--checkpoint_path", str(args.checkpoint), "--device", device.type]
     flags += ["--model_config_path", str(args.config)] if args.config else []
-    parser = sample.build_parser(sample.add_model_args, sample.add_data_args, sample.add_sampling_args,
-                                 sample.add_device_args)
+    parser = build_parser(*sample.GROUPS)
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
-    sargs = parse_config(parser, flags, sample.stored_metadata(args.checkpoint).get("run"))
+    sargs = parse_config(parser, flags, stored_metadata(args.checkpoint), str(args.checkpoint))
     video = parse_vid_size(sargs.vid_size)[0] > 1
     if args.captions is not None:
         if not args.captions.is_file():
@@ -212,13 +216,13 @@ def checkpoint_benchmark(args, device):
     else:
         captions = make_captions(4, video, seed=0)
     procs = init_processes(device.type)
-    model, text, vae = sample.build(sargs, procs, with_vae=True)
+    model, text, vae = sampling.build(sargs, procs, with_vae=True)
     factor, temporal = (vae.downsample_factor, vae.temporal_downsample_factor) if vae else (1, 1)
-    batches = sample.Batches(sargs, model, text, factor, temporal)
+    batches = sampling.Batches(sargs, model, text, factor, temporal)
     timed = captions[:args.batch]
     z, y, _, _, _ = batches(timed, list(range(len(timed))), device)
     w = batches.guidance
-    plan = f"calibrated plan {sample.plan_path(args.checkpoint)}" if model.decoding else "default plan"
+    plan = f"calibrated plan {plan_path(args.checkpoint)}" if model.decoding else "default plan"
     runs = {f"ours default ({plan})": lambda: model.reverse(z, y, guidance=w),
             "ours sequential (exact inverse)": lambda: model.reverse(z, y, guidance=w, jacobi=False)}
     if args.official:
@@ -255,7 +259,7 @@ def checkpoint_benchmark(args, device):
             noise, y_all, y_cond, _, _ = batches(captions, idx, device)
             with torch.no_grad():
                 latents = model.reverse(noise, y_all, guidance=w, **decoding)
-            pixels += list(to_uint8(sample.to_pixels(sargs, model, vae, latents, y_cond, batches.noise_std)))
+            pixels += list(to_uint8(sampling.to_pixels(sargs, model, vae, latents, y_cond, batches.noise_std)))
         accuracy[name] = evaluate(captions, pixels)
         print(f"caption accuracy, {name} decoding\n{report(accuracy[name])}")
     gap = 100 * (accuracy["default"]["accuracy"]["all"] - accuracy["exact"]["accuracy"]["all"])
@@ -271,37 +275,39 @@ def _official_process_group():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--official", type=Path, help="root of an official ml-starflow checkout to compare against")
     p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (ours, or an official .pth with --config)")
     p.add_argument("--captions", type=Path, help="with --checkpoint: caption file (the first --batch are timed)")
     p.add_argument("--calibrate", action="store_true", help="random-weight setting: also time a calibrated plan")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--channels", type=int, default=256)
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 1, 1, 6])
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--latent_size", type=int, default=16)
-    p.add_argument("--latent_channels", type=int, default=4)
-    p.add_argument("--txt_size", type=int, default=16)
-    p.add_argument("--txt_dim", type=int, default=64)
+    add_device_args(p)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each kind, interleaved")
+    p.add_argument("--channels", type=int, default=256, help="random-weight setting: transformer width")
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 1, 1, 6],
+                   help="random-weight setting: layers per flow block, the deep block last")
+    p.add_argument("--head_dim", type=int, default=64, help="random-weight setting: channels per head")
+    p.add_argument("--latent_size", type=int, default=16, help="random-weight setting: latent side, in latents")
+    p.add_argument("--latent_channels", type=int, default=4, help="random-weight setting: latent channels")
+    p.add_argument("--txt_size", type=int, default=16, help="random-weight setting: text tokens")
+    p.add_argument("--txt_dim", type=int, default=64, help="random-weight setting: text embedding width")
     p.add_argument("--batch", type=int, default=None, help="samples timed (default: 2, or 4 with --checkpoint)")
-    p.add_argument("--train_batch", type=int, default=8)
-    p.add_argument("--train_steps", type=int, default=8)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--train_batch", type=int, default=8, help="samples per timed training step")
+    p.add_argument("--train_steps", type=int, default=8, help="timed training steps")
+    p.add_argument("--guidance", type=float, default=2.0, help="random-weight setting: guidance scale")
     p.add_argument("--weight_scale", type=float, default=0.25, help="std of the random proj_out weights (x 1/sqrt C)")
     p.add_argument("--jacobi_block_size", type=int, default=None,
                    help="official Jacobi window (default 16, or 32 for video: test_sample_*.sh)")
-    p.add_argument("--jacobi_th", type=float, default=1e-3)
-    p.add_argument("--jacobi_max_iter", type=int, default=32)
+    p.add_argument("--jacobi_th", type=float, default=1e-3, help="official Jacobi threshold")
+    p.add_argument("--jacobi_max_iter", type=int, default=32, help="official Jacobi iterations per window")
     p.add_argument("--config", type=Path, help="measure this YAML configuration's model instead (random weights); "
                    "with --checkpoint, the checkpoint's configuration")
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="with --config of a video model: sample "
                    "these multiples of the trained length (e.g. 1 2 3) and report peak memory")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.checkpoint:
         args.batch = args.batch or 4
         return checkpoint_benchmark(args, device)
@@ -312,12 +318,12 @@ def main():
 
     official = import_official(args.official.resolve()) if args.official else None
     torch.manual_seed(0)
-    ours = Model(**model_kwargs(args))
+    ours = Model(**random_setting(args))
     randomize_weights(ours, 0, args.weight_scale)
     ours.to(device).eval()
     reference = None
     if official is not None:
-        reference = official.Model(**model_kwargs(args))
+        reference = official.Model(**random_setting(args))
         missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False)
         assert not unexpected and all(k.split(".")[-1] in ("var", "attn_mask", "freqs_cos", "freqs_sin")
                                       for k in missing), (missing, unexpected)

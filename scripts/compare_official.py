@@ -1,7 +1,7 @@
 """Numerical agreement with the official STARFlow model on the same weights.
 
-    python scripts/compare_official.py --official ../ml-starflow             # report the figures
-    python scripts/compare_official.py --official ../ml-starflow --golden     # also write tests/data/official_*.safetensors
+    python -m scripts.compare_official --official ../ml-starflow             # report the figures
+    python -m scripts.compare_official --official ../ml-starflow --golden     # also write tests/data/official_*.safetensors
 
 Builds debug-size image and video models (the video one with temporal causality, frame-local shallow blocks, a
 wider deep block and a conditional learnable denoiser), randomises the official model's weights, loads them into
@@ -20,10 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from scripts.benchmark import import_official  # noqa: E402
-from transformer_flow import Model, load_official_state_dict  # noqa: E402
-from utils.debug import randomize_weights  # noqa: E402
+from scripts.benchmark import import_official
+from transformer_flow import Model, load_official_state_dict
+from utils.debug import randomize_weights
 
 BASE = dict(in_channels=4, patch_size=1, num_blocks=3, layers_per_block=[1, 1, 2], head_dim=32, rope=1, sos=1,
             txt_size=6, txt_dim=16, cond_top_only=1, use_softplus=1, use_final_norm=1, soft_clip=4.0, seq_order="L2R")

@@ -1,9 +1,9 @@
 """Caption accuracy of generated shapes: measure colour, shape, size and position (direction for videos) from the
 pixels and compare them with the caption each sample was generated from.
 
-    python scripts/eval_shapes.py --make_captions prompts.txt [--video 1] [--n N] [--seed S]
+    python -m scripts.eval_shapes --make_captions prompts.txt [--video 1] [--n N] [--seed S]
     python sample.py --checkpoint_path logs/run/model.safetensors --caption prompts.txt --save_folder 1
-    python scripts/eval_shapes.py --captions prompts.txt --samples logs/run/model/prompts [--json acc.json]
+    python -m scripts.eval_shapes --captions prompts.txt --samples logs/run/model/prompts [--json acc.json]
 
 Line i of the caption file goes with <samples>/<i:05d>.png (.mp4 for a video caption), as sample.py names them.
 The measurements read the shapes that dataset.render_shape draws on white; they tolerate the mild noise and blur of
@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, _SIZE_PX  # noqa: E402
+from dataset import _SIZE_PX, COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES
 
 IMAGE_ATTRS = ("color", "shape", "size", "position")
 VIDEO_ATTRS = ("color", "shape", "direction")

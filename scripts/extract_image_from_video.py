@@ -1,7 +1,7 @@
 """Cut an MP4 sample grid (as utils.media.save_video writes it) into one video per tile, or into PNG frames.
 
-    python scripts/extract_image_from_video.py samples.mp4 -H 480 -W 832            # samples_0.mp4, samples_1.mp4, ...
-    python scripts/extract_image_from_video.py samples.mp4 --n 4 --frames           # samples_0/frame_000000.png, ...
+    python -m scripts.extract_image_from_video samples.mp4 -H 480 -W 832            # samples_0.mp4, samples_1.mp4, ...
+    python -m scripts.extract_image_from_video samples.mp4 --n 4 --frames           # samples_0/frame_000000.png, ...
 
 Every frame has the layout of scripts/extract_images.py (2-pixel white borders, grid_columns(n) columns); an odd
 grid side was padded by one pixel at the bottom/right for yuv420p, which is allowed for here.  Tiles are
@@ -16,19 +16,13 @@ import imageio.v2 as imageio
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from scripts.extract_images import GridError, cut, layout  # noqa: E402
+from scripts.extract_images import GridError, cut, grid_parser, layout
 
 BORDER_TOLERANCE = 24  # H.264 leaves the white lines between tiles at 240-255 on average
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("video", type=Path, help="MP4 grid written by sample.py")
-    p.add_argument("-H", dest="tile_h", type=int, default=None, help="tile height in pixels")
-    p.add_argument("-W", dest="tile_w", type=int, default=None, help="tile width in pixels")
-    p.add_argument("--n", type=int, default=None, help="number of tiles (infers -H/-W when they are not given)")
+    p = grid_parser(__doc__, "video", "MP4")
     p.add_argument("--frames", action="store_true", help="write each tile as a folder of PNG frames, not an MP4")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the video)")
     return p.parse_args(argv)

@@ -1,8 +1,8 @@
 """Cut a PNG sample grid (as utils.media.save_image writes it) back into its tiles.
 
-    python scripts/extract_images.py samples.png -H 256 -W 256              # every tile: samples_0.png, ...
-    python scripts/extract_images.py samples.png -H 256 -W 256 --ids 0 3 5  # those tiles, and samples_extracted.png
-    python scripts/extract_images.py samples.png --n 8                      # tile size from the number of tiles
+    python -m scripts.extract_images samples.png -H 256 -W 256              # every tile: samples_0.png, ...
+    python -m scripts.extract_images samples.png -H 256 -W 256 --ids 0 3 5  # those tiles, and samples_extracted.png
+    python -m scripts.extract_images samples.png --n 8                      # tile size from the number of tiles
 
 A grid has a 2-pixel white border around and between its tiles and grid_columns(n) columns, so a side of S pixels
 holds k tiles of T pixels exactly when S = k * (T + 2) + 2, and the lines between tiles are white.  Tiles are
@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.media import grid_columns, tile  # noqa: E402
+from utils.media import grid_columns, tile
 
 PAD = 2  # the border utils.media.tile draws
 
@@ -94,12 +92,18 @@ def cut(grid: np.ndarray, rows: int, columns: int, tile_h: int, tile_w: int) -> 
     return np.stack(tiles)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("grid", type=Path, help="PNG grid written by sample.py")
+def grid_parser(description: str, name: str, kind: str) -> argparse.ArgumentParser:
+    """The arguments of both grid tools: the grid file and its tile layout."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(name, type=Path, help=f"{kind} grid written by sample.py")
     p.add_argument("-H", dest="tile_h", type=int, default=None, help="tile height in pixels")
     p.add_argument("-W", dest="tile_w", type=int, default=None, help="tile width in pixels")
     p.add_argument("--n", type=int, default=None, help="number of tiles (infers -H/-W when they are not given)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = grid_parser(__doc__, "grid", "PNG")
     p.add_argument("--ids", type=int, nargs="+", default=None,
                    help="tiles to extract (default: all); also writes a grid of just these")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the grid)")

@@ -24,3 +24,42 @@ def tiny_model(seed=0, **kwargs) -> Model:
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def cli_error(main, argv, run_cli=True) -> tuple[int, str]:
+    """Run an entry point in-process on `argv` as `python script.py ARGV` would run it, where the run must stop with
+    an error: through utils.config.run_cli (as the entry points' __main__ does; run_cli=False for a script whose
+    __main__ calls main() bare).  Returns (exit status, stderr) as the process would give them: sys.exit("text") is
+    status 1 with the text on stderr, and warnings are on stderr unless the interpreter's default filters hide them
+    (deprecations outside __main__).  Anything other than SystemExit (what would be a traceback) propagates and
+    fails the test."""
+    import contextlib
+    import io
+    import warnings
+
+    from utils.config import run_cli as run
+
+    argv, stderr = [str(a) for a in argv], io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr), \
+            pytest.raises(SystemExit) as exit_:
+        if run_cli:
+            run(lambda: main(argv))
+        else:
+            main(argv)
+    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught
+                    if not issubclass(w.category, hidden))
+    code = exit_.value.code
+    if isinstance(code, str):
+        return 1, shown + stderr.getvalue() + code + "\n"
+    return (0 if code is None else code), shown + stderr.getvalue()
+
+
+def concurrently(*calls):
+    """Call each of `calls` (independent runs of a subprocess) on its own thread, at once; their results in order.
+    On 2 cores two runs take about the time of one: most of a run is Python imports, on one core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]

@@ -1,13 +1,12 @@
 """The one configuration rule (defaults < YAML < command line), the shipped official configurations, and the
 one-line errors of bad configurations."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_error
 
-from utils.config import ConfigError, GROUPS, build_parser, parse_config
+from utils.config import GROUPS, ConfigError, build_parser, parse_config
 from utils.model_setup import count_parameters, setup_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +42,9 @@ def test_yaml_overrides_defaults_and_command_line_overrides_yaml(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("arguments:\n- channels: 128\n- colour: red\n", "unknown key.*colour"),
-    ("arguments:\n- channels: wide\n", "channels: invalid int value 'wide'"),
+    ("arguments:\n- channels: wide\n", "channels: expected an integer, got 'wide'"),
+    ("arguments:\n- channels: 0\n", "channels: must be an integer >= 1, got '0'"),
+    ("arguments:\n- sos: maybe\n", "sos: expected 0/1 or true/false, got 'maybe'"),
     ("arguments:\n- seq_order: up\n", "seq_order: 'up' is not one of R2L, L2R"),
     ("arguments: [\n", "not valid YAML"),
     ("- 1\n- 2\n", "expected 'arguments:'"),
@@ -55,11 +56,6 @@ def test_bad_config_is_named(tmp_path, text, message):
         parse("--model_config_path", str(cfg))
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "utils.model_setup", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-
-
 @pytest.mark.parametrize("argv,message", [
     (["--model_config_path", "nope.yaml"], "--model_config_path nope.yaml: no such file"),
     (["--colour", "red"], "unrecognized arguments: --colour red"),
@@ -68,11 +64,15 @@ def run_cli(*argv):
     (["--vae", "stabilityai/sd-vae-ft-ema", "--components", "1", "--layers_per_block", "1", "--blocks", "2"],
      "VAE 'stabilityai/sd-vae-ft-ema' is not available offline"),
 ])
-def test_cli_errors_are_one_line(argv, message):
-    out = run_cli(*argv)
-    assert out.returncode != 0
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert len([line for line in out.stderr.splitlines() if line.startswith("error")]) == 1
+def test_cli_errors_are_one_line(argv, message, monkeypatch):
+    """`python -m utils.model_setup ARGV` (run in-process, from the repository root) stops in one line."""
+    from utils.model_setup import main
+
+    monkeypatch.chdir(ROOT)
+    code, stderr = cli_error(main, argv)
+    assert code != 0
+    assert message in stderr and "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if line.startswith("error")]) == 1
 
 
 def test_components_resolve_from_local_files(tmp_path, capsys):
@@ -96,3 +96,125 @@ def test_components_resolve_from_local_files(tmp_path, capsys):
                                         "--channel_size", "4", "--img_size", "16", "--layers_per_block", "1", "1",
                                         "--channels", "64", "--cond_top_only", "1"))
     assert model.blocks[-1].proj_txt.in_features == 384 and model.config.img_size == 8
+
+
+# ---- the flag registry --------------------------------------------------------------------------------------------
+def test_model_flags_declare_every_config_field_with_its_type():
+    """MODEL_FLAGS and ModelConfig cannot drift: every field has one flag (or is derived), of the field's kind."""
+    import dataclasses
+
+    from transformer_flow import ModelConfig
+    from utils.config import DERIVED_MODEL_FIELDS, MODEL_FLAGS, boolean
+
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(MODEL_FLAGS) | set(DERIVED_MODEL_FIELDS) == set(fields)
+    assert not set(MODEL_FLAGS) & set(DERIVED_MODEL_FIELDS)
+    for name, spec in MODEL_FLAGS.items():
+        assert (spec.type is boolean) == (fields[name].type is bool), name
+    args = parse("--hf_style_rope", "1", "--layers_per_block", "1", "2", "--channel_size", "4", "--patch_size", "2")
+    options = model_options_of(args)
+    assert set(options) == set(fields)
+    config = ModelConfig(**options)
+    assert config.hf_style_rope and config.layers_per_block == (1, 2) and config.in_channels == 4
+
+
+def model_options_of(args):
+    from utils.config import model_options
+
+    return model_options(args, txt_dim=0, downsample_factor=1)
+
+
+def every_parser():
+    import finetune_decoder
+    import sample
+    import train
+    from utils.config import add_data_args, add_inspect_args, add_model_args
+
+    return {"train.py": build_parser(*train.GROUPS), "sample.py": build_parser(*sample.GROUPS),
+            "finetune_decoder.py": build_parser(*finetune_decoder.GROUPS, defaults=finetune_decoder.DEFAULTS),
+            "utils.model_setup": build_parser(add_model_args, add_data_args, add_inspect_args)}
+
+
+def test_every_flag_of_every_entry_point_explains_itself():
+    for name, parser in every_parser().items():
+        silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not (a.help or "").strip()]
+        assert not silent, f"{name}: flags without help: {silent}"
+
+
+def test_entry_points_share_flags_and_keep_their_own_defaults():
+    parsers = every_parser()
+    train_args, tune_args = parsers["train.py"].parse_args([]), parsers["finetune_decoder.py"].parse_args([])
+    assert (train_args.batch_size, train_args.warmup_steps) == (128, None)
+    assert (tune_args.batch_size, tune_args.warmup_steps, tune_args.grad_clip) == (32, 100, 1.0)
+    shared = {a.dest: a for a in parsers["train.py"]._actions}
+    for a in parsers["finetune_decoder.py"]._actions:  # one declaration: the same type and help
+        if a.dest in shared and a.dest != "help":
+            kind = lambda action: getattr(action.type, "__name__", None)
+            assert (kind(a), a.help) == (kind(shared[a.dest]), shared[a.dest].help), a.dest
+
+
+@pytest.mark.parametrize("argv,value", [([], False), (["--fsdp"], True), (["--fsdp", "1"], True),
+                                        (["--fsdp", "0"], False), (["--fsdp", "TRUE"], True),
+                                        (["--fsdp=no"], False)])
+def test_switches_are_booleans_that_take_the_official_zero_and_one(argv, value):
+    assert parse(*argv).fsdp is value
+
+
+@pytest.mark.parametrize("yaml_value,value", [("1", True), ("0", False), ("true", True), ("false", False)])
+def test_yaml_switches(tmp_path, yaml_value, value):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"arguments:\n- use_softplus: {yaml_value}\n- temporal_causal: 2\n")
+    args = parse("--model_config_path", str(cfg))
+    assert args.use_softplus is value and args.temporal_causal == 2
+
+
+def test_one_yaml_serves_every_entry_point(tmp_path, capsys):
+    """Keys of other entry points are ignored with a note; this entry point's keys apply."""
+    import sample
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("arguments:\n- max_steps: 10\n- batch_size: 8\n- hf_style_rope: 1\n- cfg: 2.5\n- nvp: 1\n")
+    args = parse_config(build_parser(*sample.GROUPS), ["--model_config_path", str(cfg)])
+    assert args.hf_style_rope is True and args.cfg == 2.5 and not hasattr(args, "max_steps")
+    out = capsys.readouterr().out
+    assert "ignoring keys of other entry points: batch_size, max_steps" in out
+    assert "ignoring official keys that have no effect: nvp" in out
+
+
+IMAGE_CKPT = ROOT / "ckpts/starflow_shapes_t2i_32x32.safetensors"
+VIDEO_CKPT = ROOT / "ckpts/starflow-v_shapes_t2v_32x32.safetensors"
+
+
+@pytest.mark.parametrize("ckpt,extra,needles", [
+    (IMAGE_CKPT, ["--channels", "7", "--num_heads", "3"], ["--channels 7", "channels 192"]),
+    (IMAGE_CKPT, ["--layers_per_block", "2", "2", "5"], ["--layers_per_block 2 2 5", "layers_per_block 2 2 6"]),
+    (IMAGE_CKPT, ["--blocks", "2"], ["--blocks 2", "layers_per_block 2 2 6"]),
+    (IMAGE_CKPT, ["--sos", "0"], ["--sos False", "sos True"]),
+    (VIDEO_CKPT, ["--model_config_path", str(ROOT / "configs/starflow_shapes_t2i_32x32.yaml")],
+     ["starflow_shapes_t2i_32x32.yaml: txt_size 12", "txt_size 16"]),
+])
+def test_a_checkpoint_is_authoritative_for_its_architecture(tmp_path, capsys, ckpt, extra, needles):
+    """A flag or YAML key that contradicts the stored configuration is one line naming the key, both values and
+    the checkpoint (exit 2), and nothing is written."""
+    import sample
+    from utils.config import run_cli
+
+    argv = ["--checkpoint_path", str(ckpt), "--caption", "a red circle left", "--logdir", str(tmp_path / "out"),
+            *extra]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: sample.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert all(n in err for n in needles) and str(ckpt) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flags_that_agree_with_the_checkpoint_and_sampling_settings_pass():
+    import sample
+    from utils.model_setup import stored_metadata
+
+    argv = ["--checkpoint_path", str(IMAGE_CKPT), "--channels", "192", "--layers_per_block", "2", "2", "6",
+            "--sos", "1", "--gradient_checkpoint", "1", "--cfg", "1.5", "--img_size", "48", "--guide_top"]
+    args = parse_config(build_parser(*sample.GROUPS), argv, stored_metadata(IMAGE_CKPT), str(IMAGE_CKPT))
+    assert (args.cfg, args.img_size, args.guide_top, args.text) == (1.5, 48, True,
+                                                                    "sentence-transformers/all-MiniLM-L6-v2")

@@ -19,8 +19,15 @@ import webdataset as wds
 from PIL import Image
 
 import dataset
-from dataset import (COLORS, ShapesDataset, FolderDataset, aspect_ratio_to_image_size, build_loader,
-                     nearest_aspect_ratio, render_shape)
+from dataset import (
+    COLORS,
+    FolderDataset,
+    ShapesDataset,
+    aspect_ratio_to_image_size,
+    build_loader,
+    nearest_aspect_ratio,
+    render_shape,
+)
 
 RATIO_SIZES = [(64, 32), (32, 64), (32, 32)]  # (w, h): buckets 16:9, 9:16 and 1:1
 
@@ -165,7 +172,7 @@ def test_shapes_show_their_caption(img_size):
         cx, cy, d = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2, xs.max() - xs.min() + 1
         assert abs(d - {"small": 10, "large": 18}[size] * unit) <= unit, caption
         fill = ink.sum() / d ** 2
-        assert {"square": 0.95 < fill, "circle": 0.7 < fill < 0.9, "triangle": 0.4 < fill < 0.65}[shape], caption
+        assert {"square": fill > 0.95, "circle": 0.7 < fill < 0.9, "triangle": 0.4 < fill < 0.65}[shape], caption
         off_x, off_y = (cx - img_size / 2) / unit, (cy - img_size / 2) / unit  # in pixels at 32 px
         expected = {"left": off_x < -2.5, "right": off_x > 2.5, "top": off_y < -2.5, "bottom": off_y > 2.5,
                     "center": abs(off_x) <= 2.5 and abs(off_y) <= 2.5}

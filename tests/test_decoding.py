@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import IMAGE, tiny_model
+
 from transformer_flow import OFFICIAL_JACOBI, SEQUENTIAL, BlockDecoding, default_plan
 from utils.decoding import calibrate, choose, load_plans, plan_path, relative_error, save_plan
 
@@ -73,7 +73,7 @@ def test_choose_agrees_with_brute_force():
                    [(rng.uniform(0.1, 2), rng.uniform(0, 0.01), SEQUENTIAL) for _ in range(rng.randint(0, 5))]
                    for _ in range(rng.randint(1, 4))]
         budget = rng.uniform(0, 0.02)
-        seconds = lambda picks: sum(o[k][0] for o, k in zip(options, picks))
+        seconds = lambda picks, options=options: sum(o[k][0] for o, k in zip(options, picks))
         feasible = [p for p in itertools.product(*(range(len(o)) for o in options))
                     if sum(o[k][1] for o, k in zip(options, p)) <= budget]
         picks = choose(options, budget)
@@ -81,6 +81,7 @@ def test_choose_agrees_with_brute_force():
         assert seconds(picks) == pytest.approx(min(seconds(p) for p in feasible))
 
 
+@pytest.mark.slow
 def test_calibrated_plan_holds_its_tolerance_and_is_what_reverse_uses():
     model = tiny_model(**IMAGE)
     z, y = guided_inputs()
@@ -95,6 +96,7 @@ def test_calibrated_plan_holds_its_tolerance_and_is_what_reverse_uses():
     assert torch.equal(model.reverse(z, y, guidance=1.5), model.reverse(z, y, guidance=1.5, decoding=plan))
 
 
+@pytest.mark.slow
 def test_calibration_keeps_sequential_decoding_where_jacobi_does_not_pay():
     """A Jacobi setting must beat sequential decoding of its block by `margin`; none beats it by 99.9%."""
     model = tiny_model(**IMAGE)

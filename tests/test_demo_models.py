@@ -55,7 +55,7 @@ def test_shipped_yaml_builds_the_shipped_model(name):
 def test_shipped_model_reads_whole_captions(name):
     """Every caption of the grammar, in the prompt wording the model was trained with (the fps sentence for a video
     model), fits in the model's txt_size: a cut caption loses its last words (the direction of motion)."""
-    from utils.text import preprocess_text, setup_encoder
+    from utils.text import TextEncoder, preprocess_text
 
     stored = stored_metadata(ROOT / "ckpts" / f"{name}.safetensors")
     run_flags = stored["run"]
@@ -66,11 +66,12 @@ def test_shipped_model_reads_whole_captions(name):
                     for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
     else:
         captions = [shape_caption(c, s, z, p) for c, s, z, p in itertools.product(COLORS, SHAPES, SIZES, POSITIONS)]
-    tokenizer, _ = setup_encoder(run_flags["text"])
+    tokenizer = TextEncoder.from_pretrained(run_flags["text"], run_flags["txt_size"]).tokenizer
     longest = max(len(ids) for ids in tokenizer(preprocess_text(captions, fps=fps))["input_ids"])
     assert longest <= stored["config"]["txt_size"], (longest, stored["config"]["txt_size"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_shipped_model_samples_its_captions(name, tmp_path):
     """Sampling from another directory (the stored ckpts/ paths resolve against the repository) gives samples whose
@@ -89,6 +90,7 @@ def test_shipped_model_samples_its_captions(name, tmp_path):
     assert right(result) >= need, result["samples"]
 
 
+@pytest.mark.slow
 def test_demo_script(tmp_path):
     """bash scripts/demo.sh OUTDIR writes the 12-image grid and the 4-video grid for its captions, and says where."""
     out = run("bash", "scripts/demo.sh", str(tmp_path / "demo"))
@@ -120,6 +122,7 @@ def test_shipped_decoding_plan_loads_and_held_its_tolerance(name):
         assert measured["error"] <= measured["tolerance"] and measured["plan_s"] < measured["sequential_s"]
 
 
+@pytest.mark.slow
 def test_a_sample_does_not_depend_on_its_batch_or_process(tmp_path):
     """tests/data/jacobi-batch-five.txt (../shared/cases/jacobi-batch): the same five captions and seed give the
     same samples at batch 5, at batch 1 and split over two torchrun processes: latents within 1e-5, identical PNGs.

@@ -10,17 +10,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error
 from PIL import Image
 
 from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, ShapesDataset, render_shape, shape_caption
-from scripts.eval_shapes import evaluate, make_captions, measure_image, measure_video, parse_caption
+from scripts.eval_shapes import evaluate, main, make_captions, measure_image, measure_video, parse_caption
 from utils.media import save_video
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_shapes.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "scripts.eval_shapes"
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", SCRIPT, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+def failed_cli(*args) -> subprocess.CompletedProcess:
+    """A run of the CLI that must stop with an error, in-process (its __main__ calls main() bare): status and stderr."""
+    code, stderr = cli_error(main, args, run_cli=False)
+    return subprocess.CompletedProcess([SCRIPT, *map(str, args)], code, "", stderr)
 
 
 def noisy(pixels: np.ndarray, rng: np.random.Generator, std: float = 10) -> np.ndarray:
@@ -36,12 +44,12 @@ def image_cases(repeats: int, seed: int = 0):
 
 
 def accuracy(cases, measure, render, keys) -> dict:
-    hits = dict.fromkeys(keys, 0)
-    for n, attrs in enumerate(cases, 1):
+    hits, cases = dict.fromkeys(keys, 0), list(cases)
+    for attrs in cases:
         measured = measure(render(attrs))
         for k in keys:
             hits[k] += measured[k] == attrs[k]
-    return {k: v / n for k, v in hits.items()}
+    return {k: v / len(cases) for k, v in hits.items()}
 
 
 IMAGE_KEYS = ("color", "shape", "size", "position")
@@ -173,10 +181,10 @@ def test_cli_errors_name_the_missing_file_and_the_bad_line(tmp_path):
     write_images(tmp_path / "s", attrs)
     (tmp_path / "s" / "00003.png").unlink()
     (tmp_path / "s" / "00004.png").unlink()
-    assert_one_error_line(run_cli("--captions", captions, "--samples", tmp_path / "s"), "00003.png")
+    assert_one_error_line(failed_cli("--captions", captions, "--samples", tmp_path / "s"), "00003.png")
 
     lines = [shape_caption(**a) for a in attrs]
     lines[2] = "a big red circle left"
     captions.write_text("\n".join(lines))
-    assert_one_error_line(run_cli("--captions", captions, "--samples", tmp_path / "s"), "line 3", "big")
-    assert_one_error_line(run_cli("--captions", tmp_path / "none.txt", "--samples", tmp_path / "s"), "none.txt")
+    assert_one_error_line(failed_cli("--captions", captions, "--samples", tmp_path / "s"), "line 3", "big")
+    assert_one_error_line(failed_cli("--captions", tmp_path / "none.txt", "--samples", tmp_path / "s"), "none.txt")

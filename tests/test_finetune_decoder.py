@@ -7,14 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
 import finetune_decoder
 from misc.discriminator import PatchDiscriminator, PatchDiscriminator3D
-from misc.losses import (LPIPS, AutoencoderLoss, LeCam, haar3d, hinge_d_loss, hinge_g_loss, ihaar3d, l2_loss,
-                         wavelet_loss)
-from utils.config import add_data_args, build_parser
+from misc.losses import (
+    LPIPS,
+    AutoencoderLoss,
+    LeCam,
+    haar3d,
+    hinge_d_loss,
+    hinge_g_loss,
+    ihaar3d,
+    l2_loss,
+    wavelet_loss,
+)
+from utils.config import build_parser
 from utils.vae import LatentVAE, setup_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +197,7 @@ def test_new_autoencoder_loads_with_setup_vae_and_has_unit_latents(tmp_path, cap
     vae = setup_vae(str(logdir / "vae"))
     assert vae.downsample_factor == 4 and vae.latent_channels == 4
 
-    parser = build_parser(add_data_args, finetune_decoder.add_finetune_args)
+    parser = build_parser(*finetune_decoder.GROUPS, defaults=finetune_decoder.DEFAULTS)
     x, held_out = finetune_decoder.held_out_batch(parser.parse_args(["--img_size", "16", "--epoch_length", "8"]), 4)
     assert held_out and x.shape == (4, 3, 16, 16)
     z = vae.encode(x, sample=False)  # the same images the scale was calibrated on
@@ -204,6 +214,7 @@ def _run(args, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_missing_lpips_weights_warn_once_and_train(tmp_path):
     result = _run(["--lpips_weights", str(tmp_path / "absent.safetensors")], tmp_path)
     assert result.returncode == 0, result.stderr
@@ -212,14 +223,18 @@ def test_missing_lpips_weights_warn_once_and_train(tmp_path):
     assert (tmp_path / "run" / "vae" / "config.json").is_file()
 
 
-def test_corrupt_lpips_weights_are_one_error_line(tmp_path):
+def test_corrupt_lpips_weights_are_one_error_line(tmp_path, monkeypatch):
+    """`python finetune_decoder.py` (run in-process, from tmp_path) stops in one line naming the file."""
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00\x01 not a safetensors file")
-    result = _run(["--lpips_weights", str(corrupt)], tmp_path)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(corrupt) in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STARFLOW_DEBUG", raising=False)
+    code, stderr = cli_error(finetune_decoder.main, ["--train_autoencoder", "1", "--logdir", tmp_path / "run",
+                                                     "--max_steps", "1", *TINY_AE, *QUICK, "--lpips_weights", corrupt])
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(corrupt) in lines[0], stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "run" / "vae").exists()
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import IMAGE, VIDEO, tiny_model
+
 from transformer_flow import BlockDecoding, KVCache, Model, bits_per_dim, guide
 
 IMAGE_SHAPE, VIDEO_SHAPE = (4, 8, 8), (3, 4, 4, 4)

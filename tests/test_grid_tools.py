@@ -22,8 +22,9 @@ FPS = 8
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, f"scripts/{script}", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    module = f"scripts.{script.removesuffix('.py')}"
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
 def assert_one_line_error(result, *names):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import IMAGE, tiny_model
-from transformer_flow import Model, OFFICIAL_DEAD_BUFFERS, load_official_state_dict
+
+from transformer_flow import OFFICIAL_DEAD_BUFFERS, Model, load_official_state_dict
 
 DATA = Path(__file__).parent / "data"
 OFFICIAL = {  # the official YAML configurations as the official setup_transformer passes them to Model
@@ -73,6 +73,7 @@ def test_official_state_dict_mismatch_is_reported_and_leaves_model_untouched(edi
 def test_matches_official_numbers(case):
     """Outputs the official code computed on these weights (scripts/compare_official.py --golden wrote them)."""
     from safetensors import safe_open
+
     from scripts.compare_official import TOLERANCE, compare
 
     with safe_open(str(DATA / f"official_{case}.safetensors"), "pt") as f:

@@ -9,6 +9,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error, concurrently
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--img_size", "16", "--channel_size", "3", "--patch_size", "2", "--channels", "32", "--head_dim", "32",
@@ -30,13 +31,13 @@ def run(*argv, timeout=600):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Tiny image and video models trained by our own train.py on the shapes data (pixel space, no VAE)."""
-    out = {}
-    for kind, argv in (("image", IMAGE), ("video", VIDEO)):
-        logdir = tmp_path_factory.mktemp(kind)
-        result = run("train.py", "--dataset", "shapes", *argv, "--logdir", str(logdir))
+    logdirs = {kind: tmp_path_factory.mktemp(kind) for kind in ("image", "video")}
+    results = concurrently(*(lambda argv=argv, logdir=logdirs[kind]: run("train.py", "--dataset", "shapes", *argv,
+                                                                         "--logdir", str(logdir))
+                             for kind, argv in (("image", IMAGE), ("video", VIDEO))))
+    for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
-        out[kind] = logdir / "model.safetensors"
-    return out
+    return {kind: logdir / "model.safetensors" for kind, logdir in logdirs.items()}
 
 
 @pytest.fixture
@@ -56,18 +57,20 @@ def read(path: Path) -> np.ndarray:
     return iio.imread(path) if path.suffix == ".png" else np.stack(list(iio.imiter(path, plugin="FFMPEG")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,suffix,shape", [("image", ".png", (16, 16, 3)), ("video", ".mp4", (4, 16, 16, 3))])
 def test_one_file_per_caption_and_deterministic(trained, captions, tmp_path, kind, suffix, shape):
-    out = sample(trained[kind], tmp_path / "a", "--caption", str(captions), "--save_folder", "1",
-                 "--sample_batch_size", "2", "--seed", "5")
+    out, again = concurrently(  # the same seed, another batching
+        lambda: sample(trained[kind], tmp_path / "a", "--caption", str(captions), "--save_folder", "1",
+                       "--sample_batch_size", "2", "--seed", "5"),
+        lambda: sample(trained[kind], tmp_path / "b", "--caption", str(captions), "--save_folder", "1",
+                       "--sample_batch_size", "3", "--seed", "5"))
     assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "a" / "model" / "captions"
     files = sorted(folder.iterdir())
     assert [f.name for f in files] == [f"{i:05d}{suffix}" for i in range(5)]
     assert all(read(f).shape == shape for f in files)
     assert "5 samples in" in out.stdout and "samples/s" in out.stdout
-    again = sample(trained[kind], tmp_path / "b", "--caption", str(captions), "--save_folder", "1",
-                   "--sample_batch_size", "3", "--seed", "5")
     assert again.returncode == 0, again.stderr[-3000:]
     for f in files:  # the same seed gives the same samples, whatever the batching
         other = read(tmp_path / "b" / "model" / "captions" / f.name)
@@ -75,18 +78,20 @@ def test_one_file_per_caption_and_deterministic(trained, captions, tmp_path, kin
     assert not np.array_equal(read(files[0]), read(files[1]))
 
 
+@pytest.mark.slow
 def test_torchrun_splits_captions_into_one_complete_set(trained, captions, tmp_path):
-    single = sample(trained["image"], tmp_path / "one", "--caption", str(captions), "--save_folder", "1")
+    single, multi, grid = concurrently(
+        lambda: sample(trained["image"], tmp_path / "one", "--caption", str(captions), "--save_folder", "1"),
+        lambda: sample(trained["image"], tmp_path / "two", "--caption", str(captions), "--save_folder", "1",
+                       "--sample_batch_size", "2", torchrun=True),
+        lambda: sample(trained["image"], tmp_path / "grid", "--caption", "a small red circle left",
+                       "--sample_batch_size", "3", torchrun=True))
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = sample(trained["image"], tmp_path / "two", "--caption", str(captions), "--save_folder", "1",
-                   "--sample_batch_size", "2", torchrun=True)
     assert multi.returncode == 0, multi.stderr[-3000:]
     files = sorted((tmp_path / "two" / "model" / "captions").iterdir())
     assert [f.name for f in files] == [f"{i:05d}.png" for i in range(5)]
     for f in files:  # each caption's sample depends on its index and the seed only, not on the process
         assert np.array_equal(read(f), read(tmp_path / "one" / "model" / "captions" / f.name))
-    grid = sample(trained["image"], tmp_path / "grid", "--caption", "a small red circle left",
-                  "--sample_batch_size", "3", torchrun=True)
     assert grid.returncode == 0, grid.stderr[-3000:]
     grids = sorted((tmp_path / "grid" / "model").glob("samples-*.png"))
     assert [g.name for g in grids] == ["samples-00000.png", "samples-00001.png"]  # one grid per process
@@ -99,16 +104,16 @@ def test_flow_score_step_moves_samples_toward_the_data(trained):
     from transformer_flow import Model, ModelConfig
     from utils.inference import flow_score_step
     from utils.model_setup import load_weights, stored_metadata
-    from utils.text import encode_text, setup_encoder
+    from utils.text import TextEncoder
 
     path = trained["image"]
     model = Model(ModelConfig(**stored_metadata(path)["config"])).eval()
     load_weights(model, path)
-    tokenizer, encoder = setup_encoder("sentence-transformers/all-MiniLM-L6-v2")
+    text = TextEncoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", txt_size=8)
     data = ShapesDataset(16, img_size=16)
     clean = torch.stack([torch.from_numpy(data.load(i, np.random.default_rng(0))[0].copy()).permute(2, 0, 1)
                          for i in range(16)]).float() / 127.5 - 1
-    y = encode_text(encoder, tokenizer, [data.load(i, np.random.default_rng(0))[1] for i in range(16)], 8)
+    y = text([data.load(i, np.random.default_rng(0))[1] for i in range(16)])
     sigma = 0.1
     noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     denoised = flow_score_step(model, noisy, y, sigma)
@@ -126,6 +131,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
 
 
+@pytest.mark.slow
 def test_image_to_video_starts_from_the_given_frame(trained, tmp_path):
     from PIL import Image
 
@@ -143,6 +149,7 @@ def test_image_to_video_starts_from_the_given_frame(trained, tmp_path):
         assert psnr(frames[-1], target) < psnr(frames[0], target)  # the rest is generated
 
 
+@pytest.mark.slow
 def test_long_video_beyond_the_trained_length(trained, tmp_path):
     out = sample(trained["video"], tmp_path / "long", "--caption", "a green triangle moving left",
                  "--target_length", "12", "--sample_batch_size", "1", "--out_fps", "8")
@@ -155,7 +162,6 @@ def test_bad_input_is_one_line(trained, captions, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(trained["image"].read_bytes()[:5000])
     other = tmp_path / "other.safetensors"  # the image model's configuration over the video model's weights
-    data = bytearray(trained["video"].read_bytes())
     from safetensors import safe_open
     from safetensors.torch import save_file
     with safe_open(str(trained["image"]), "pt") as f:
@@ -181,14 +187,17 @@ def test_bad_input_is_one_line(trained, captions, tmp_path):
         ([ckpt, "--caption", cap, "--jacobi_block_size", "0"], "--jacobi_block_size"),
         ([ckpt, "--caption", cap, "--cfg", "-1"], "--cfg"),
     ]
+    import sample as script  # in-process: `python sample.py` stops the same way, less the imports
+
     for argv, name in cases:
-        out = run("sample.py", "--checkpoint_path", *argv, "--logdir", str(tmp_path / "out"))
-        errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
-        assert out.returncode != 0 and "Traceback" not in out.stderr, (argv, out.stderr[-1500:])
-        assert len(errors) == 1 and name in out.stderr[out.stderr.index("error"):], (argv, out.stderr[-1500:])
+        code, stderr = cli_error(script.main, ["--checkpoint_path", *argv, "--logdir", str(tmp_path / "out")])
+        errors = [line for line in stderr.splitlines() if line.startswith("error")]
+        assert code != 0 and "Traceback" not in stderr, (argv, stderr[-1500:])
+        assert len(errors) == 1 and name in stderr[stderr.index("error"):], (argv, stderr[-1500:])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_video_under_torchrun(trained, tmp_path):
     captions = tmp_path / "videos.txt"
     captions.write_text("a red circle moving right\na blue square moving up\na green triangle moving left\n")
@@ -199,6 +208,7 @@ def test_video_under_torchrun(trained, tmp_path):
     assert all(read(f).shape == (4, 16, 16, 3) for f in files)
 
 
+@pytest.mark.slow
 def test_official_style_checkpoint_with_its_yaml(trained, tmp_path):
     """An official .pth stores no configuration: the YAML (official format) rebuilds the model."""
     from safetensors import safe_open
@@ -211,16 +221,18 @@ def test_official_style_checkpoint_with_its_yaml(trained, tmp_path):
                     "- layers_per_block: 1 2\n- sos: 1\n- seq_order: L2R\n- use_softplus: 1\n- cond_top_only: 1\n"
                     "- use_final_norm: 1\n- soft_clip: 4\n- text: sentence-transformers/all-MiniLM-L6-v2\n"
                     "- txt_size: 8\n- noise_std: 0.1\n- cfg: 1.5\n")
-    out = sample(official, tmp_path / "o", "--model_config_path", str(yaml), "--caption", "a small red circle left",
-                 "--sample_batch_size", "2", "--seed", "5")
+    out, ours = concurrently(
+        lambda: sample(official, tmp_path / "o", "--model_config_path", str(yaml), "--caption",
+                       "a small red circle left", "--sample_batch_size", "2", "--seed", "5"),
+        lambda: sample(trained["image"], tmp_path / "s", "--caption", "a small red circle left",
+                       "--sample_batch_size", "2", "--seed", "5"))
     assert out.returncode == 0, out.stderr[-3000:]
-    ours = sample(trained["image"], tmp_path / "s", "--caption", "a small red circle left", "--sample_batch_size", "2",
-                  "--seed", "5")
     assert ours.returncode == 0, ours.stderr[-3000:]
     assert np.array_equal(read(tmp_path / "o" / "official" / "samples-00000.png"),
                           read(tmp_path / "s" / "model" / "samples-00000.png"))
 
 
+@pytest.mark.slow
 def test_calibrated_plan_is_stored_beside_the_checkpoint_and_used(trained, captions, tmp_path):
     """--calibrate_decoding writes <stem>.decoding.json beside the checkpoint; sampling then uses it without flags
     (and says so), --jacobi 0 still decodes exactly; a damaged plan file is one line naming it."""
@@ -233,14 +245,17 @@ def test_calibrated_plan_is_stored_beside_the_checkpoint_and_used(trained, capti
     plan = tmp_path / "model.decoding.json"
     assert f"written to {plan}" in out.stdout and not (tmp_path / "cal").exists()  # no samples
     assert len(json.loads(plan.read_text())["plans"]["cpu"]["3"]["blocks"]) == 2
-    used = sample(ckpt, tmp_path / "a", "--caption", str(captions))
+    used, exact = concurrently(lambda: sample(ckpt, tmp_path / "a", "--caption", str(captions)),
+                               lambda: sample(ckpt, tmp_path / "b", "--caption", str(captions), "--jacobi", "0"))
     assert used.returncode == 0 and f"decoding: calibrated plan {plan}" in used.stdout, used.stderr[-2000:]
-    exact = sample(ckpt, tmp_path / "b", "--caption", str(captions), "--jacobi", "0")
     assert exact.returncode == 0 and "decoding: exact (sequential)" in exact.stdout, exact.stderr[-2000:]
     plan.write_text("{")
-    broken = sample(ckpt, tmp_path / "c", "--caption", str(captions))
-    assert broken.returncode != 0 and "Traceback" not in broken.stderr
-    assert "model.decoding.json: not a decoding plan file" in broken.stderr.splitlines()[-1]
+    import sample as script  # in-process: a bad plan file stops `python sample.py` the same way
+
+    code, stderr = cli_error(script.main, ["--checkpoint_path", ckpt, "--logdir", tmp_path / "c", "--caption",
+                                           captions])
+    assert code != 0 and "Traceback" not in stderr
+    assert "model.decoding.json: not a decoding plan file" in stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize("kind,flags,name", [
@@ -261,6 +276,7 @@ def test_bad_sampling_flags_are_one_line(trained, tmp_path, capsys, kind, flags,
     argv = ["--checkpoint_path", str(trained[kind]), "--caption", "a red circle", "--logdir", str(tmp_path), *flags]
     with pytest.raises(SystemExit) as exit_:
         run_cli(lambda: sample.main(argv))
-    message = str(exit_.value.code) if isinstance(exit_.value.code, str) else capsys.readouterr().err
-    assert exit_.value.code != 0 and len(message.strip().splitlines()) == 1 and name in message, message
+    err = capsys.readouterr().err  # progress bars of the text encoder's loading may come first
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert exit_.value.code == 2 and len(errors) == 1 and name in errors[0] and "Traceback" not in err, err
     assert not any(tmp_path.iterdir())

@@ -8,7 +8,7 @@ import torch
 
 from utils import text
 from utils.hub import PretrainedNotFound
-from utils.text import encode_text, minilm_path, preprocess_text, setup_encoder
+from utils.text import TextEncoder, preprocess_text
 
 
 def test_official_prompt_wording():
@@ -39,34 +39,35 @@ def tiny_t5(tmp_path_factory):
 
 def test_t5_encoder_loads_by_path_and_encodes(tiny_t5, monkeypatch):
     monkeypatch.setattr(text, "_cut_warned", False)  # the cut-caption warning is given once per process
-    tokenizer, encoder = setup_encoder(str(tiny_t5))
-    assert type(encoder).__name__ == "T5EncoderModel" and encoder.config.hidden_size == 32
-    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    encoder = TextEncoder.from_pretrained(str(tiny_t5), txt_size=48, fps_cond=True)
+    tokenizer, encoder = encoder.tokenizer, encoder
+    assert type(encoder.encoder).__name__ == "T5EncoderModel" and encoder.width == 32
+    assert not any(p.requires_grad for p in encoder.encoder.parameters()) and not encoder.encoder.training
     captions = ["a small red circle", "", "x" * 100]
     with pytest.warns(UserWarning, match=r"cut to txt_size=48 tokens: 'A video with 16 fps:\\nxxx.* has 1\d\d "):
-        y = encode_text(encoder, tokenizer, captions, 48, fps=16)
+        y = encoder(captions, fps=16)
     assert y.shape == (3, 48, 32)
     tokens = tokenizer(preprocess_text(captions, fps=16), padding="max_length", truncation=True, max_length=48,
                        return_tensors="pt")
     mask = tokens["attention_mask"].bool()
     assert mask[2].all() and not mask[0].all()  # truncated to exactly txt_size, and padded
     assert (y[~mask] == 0).all() and (y[mask].abs().sum(-1) > 0).all()
-    reference = encoder(**tokens).last_hidden_state
+    reference = encoder.encoder(**tokens).last_hidden_state
     torch.testing.assert_close(y[mask], reference[mask])
 
 
 def test_whole_captions_do_not_warn(tiny_t5, monkeypatch):
     monkeypatch.setattr(text, "_cut_warned", False)
-    tokenizer, encoder = setup_encoder(str(tiny_t5))
+    encoder = TextEncoder.from_pretrained(str(tiny_t5), txt_size=48, fps_cond=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        encode_text(encoder, tokenizer, ["a small red circle", ""], 48, fps=16)
+        encoder(["a small red circle", ""], fps=16)
 
 
 def test_minilm_package_encodes_offline():
-    tokenizer, encoder = setup_encoder("sentence-transformers/all-MiniLM-L6-v2")  # the Hub name, served offline
-    assert encoder.config.hidden_size == 384
-    y = encode_text(encoder, tokenizer, ["a large blue square", "a small red circle", "a large blue square"], 16)
+    encoder = TextEncoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", 16)  # the Hub name, offline
+    assert encoder.width == 384
+    y = encoder(["a large blue square", "a small red circle", "a large blue square"])
     assert y.shape == (3, 16, 384)
     torch.testing.assert_close(y[0], y[2])
     assert (y[0] - y[1]).abs().max() > 0.1
@@ -75,5 +76,21 @@ def test_minilm_package_encodes_offline():
 def test_unavailable_encoder_fails_fast():
     start = time.perf_counter()
     with pytest.raises(PretrainedNotFound, match="'google/flan-t5-xl' is not available offline.*HF_HOME"):
-        setup_encoder("google/flan-t5-xl")
+        TextEncoder.from_pretrained("google/flan-t5-xl", 8)
     assert time.perf_counter() - start < 10
+
+
+def test_the_run_flags_decide_the_wording_and_guidance_rows_follow(tiny_t5):
+    """One wording rule: fps, noise level and aspect ratio reach the prompt only when the run's flag is on, and the
+    unconditional rows of guidance are the empty caption worded alike."""
+    seen = []
+    plain = TextEncoder.from_pretrained(str(tiny_t5), txt_size=48)
+    tokenizer = plain.tokenizer
+    plain.tokenizer = lambda texts, **k: seen.append(list(texts)) or tokenizer(texts, **k)
+    plain(["a cat"], fps=16, noise_std=0.3, aspect_ratio="16:9")
+    assert seen[-1] == ["a cat"]
+    worded = TextEncoder(plain.tokenizer, plain.encoder, 96, fps_cond=True, mix_aspect=True, cond_noise_level=True)
+    y = worded(["a cat", "a dog"], fps=torch.tensor([16, 8]), noise_std=0.3, aspect_ratio="16:9", unconditional=True)
+    assert y.shape == (4, 96, 32)
+    assert seen[-1] == preprocess_text(["a cat", "a dog", "", ""], "16:9", [16, 8, 16, 8], 0.3)
+    torch.testing.assert_close(y[2:3], worded([""], fps=16, noise_std=0.3, aspect_ratio="16:9"))

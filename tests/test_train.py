@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_error
 
 import train
 from utils.config import build_parser, parse_config
@@ -46,13 +47,13 @@ def build_step(tmp_path, *extra):
     """The pieces of main() for in-process tests of one optimizer step."""
     from dataset import build_loader
     from utils.model_setup import setup_transformer
-    from utils.text import setup_encoder
+    from utils.text import TextEncoder
     from utils.training import EMA, Processes
 
     args = parse_config(build_parser(*train.GROUPS), TINY + ["--logdir", str(tmp_path), *extra])
-    procs, text = Processes(), setup_encoder(args.text)
+    procs, text = Processes(), TextEncoder.from_args(args)
     torch.manual_seed(0)
-    model = setup_transformer(args, text[1].config.hidden_size, 1)
+    model = setup_transformer(args, text.width, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=1e-4)
     step = train.Step(args, model, model, None, text, (opt, None), EMA(model, 0.9), procs, "fp32")
     loader = build_loader(args, 0, 1, 2, 0)
@@ -98,6 +99,7 @@ def test_learnable_denoiser_trains_with_its_own_optimizer(tmp_path):
     assert out["loss_denoiser"] > 0 and not torch.equal(den.proj_out.weight, before)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_outputs_are_written(tmp_path):
     out = run("train.py", *TINY, "--logdir", str(tmp_path), "--max_steps", "30", "--epoch_length", "40",
               "--sample_freq", "1")
@@ -109,6 +111,7 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path):
     assert "starting a new run" in out.stdout and "checkpoint:" in out.stdout
 
 
+@pytest.mark.slow
 def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
     """Stop after 3 steps (the step-3 checkpoint is what a stopped run leaves) and resume: steps 4-6 equal."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -126,6 +129,7 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
 
 
+@pytest.mark.slow
 def test_weights_file_initialises_a_new_run_and_an_interrupted_one_goes_on(tmp_path):
     """--resume_path WEIGHTS starts a new run from those weights (as the video demo model starts from the image
     one); run again on the same logdir, the run under way goes on from its newest checkpoint instead."""
@@ -142,6 +146,7 @@ def test_weights_file_initialises_a_new_run_and_an_interrupted_one_goes_on(tmp_p
     assert [m["step"] for m in metrics(tuned)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp_trains_writes_a_checkpoint_and_resumes(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     argv = [*TINY, "--logdir", str(tmp_path), "--fsdp", "1", "--fsdp_text_encoder", "1", "--max_steps", "2",
@@ -180,14 +185,15 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
         (["--dataset", "folder", "--data", str(empty)], str(empty)),
         (["--dataset", "folder", "--data", str(lonely)], "a.png"),
     ]
-    for extra, name in cases:
-        out = run("train.py", *TINY, "--logdir", str(tmp_path / "run"), "--max_steps", "1", *extra)
-        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-1500:]
-        errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
-        assert len(errors) == 1 and name in errors[0], out.stderr[-1500:]
+    for extra, name in cases:  # in-process: `python train.py` stops the same way, less the imports
+        code, stderr = cli_error(train.main, [*TINY, "--logdir", str(tmp_path / "run"), "--max_steps", "1", *extra])
+        assert code != 0 and "Traceback" not in stderr, stderr[-1500:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and name in errors[0], stderr[-1500:]
     assert digest(corrupt / ".metadata") == before
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_with_denoiser_and_accumulation(tmp_path):
     """DDP (--fsdp 0) routes both training calls through its forward; the .pth export loads like an official one."""
     from transformer_flow import Model, load_official_state_dict
@@ -216,15 +222,10 @@ def test_drop_image_trains_on_the_clip_without_its_first_frame(tmp_path):
     loader = build_loader(step.args, 0, 1, 2, 0)
     loader.set_epoch(0)
     x, captions, meta = next(iter(loader))
-    seen = []
-    encode = train.encode_text
-    train.encode_text = lambda encoder, tokenizer, text, *a, **k: seen.extend(text) or encode(encoder, tokenizer,
-                                                                                                 text, *a, **k)
-    try:
-        latents, y = step.inputs(x, captions, meta)
-        out = step([(x, captions, meta)], 0, 2, 10)
-    finally:
-        train.encode_text = encode
+    seen, encode = [], step.text
+    step.text = lambda captions, *a, **k: seen.extend(captions) or encode(captions, *a, **k)
+    latents, y = step.inputs(x, captions, meta)
+    out = step([(x, captions, meta)], 0, 2, 10)
     assert latents.shape[1] == x.shape[1] - 1 and y.shape[0] == x.shape[0]
     assert seen and all(c.startswith("(extend) ") for c in seen)
     assert out["skipped"] == 0 and math.isfinite(out["loss"])

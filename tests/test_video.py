@@ -7,9 +7,11 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a whole train.py run and a sample.py run
 
 
 def run(*argv):

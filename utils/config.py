@@ -1,17 +1,29 @@
-"""Run configuration for every entry point: the official flags and YAML format, merged by one rule.
+"""Run configuration for every entry point: one registry of flags, the official YAML format, merged by one rule.
 
-    defaults  <  the YAML file given by --model_config_path  <  flags typed on the command line
+    defaults  <  what a checkpoint stores  <  the YAML file given by --model_config_path  <  flags typed
 
-The YAML format is the official one, a list of one-key mappings under `arguments:` whose values are written as on the
-command line (`layers_per_block: 2 2 2 2 2 24`); a plain `key: value` mapping works too.  Every key must be a known
-flag (an unknown one is an error naming it); official keys that have no effect here are accepted and reported once.
-Flags keep the official names and meanings (`--img_size` in pixels, `--channel_size`, `--txt_size`, `--vae`, ...).
+Every flag of every entry point is declared here once, in groups (`GROUPS`); an entry point picks its groups and may
+change defaults (`finetune_decoder.py` trains with its own batch size and schedule).  The model options are declared
+once too (`MODEL_FLAGS`, one entry per `transformer_flow.ModelConfig` field), and `model_options` turns them into
+the model's keyword arguments.  The YAML format is the official one, a list of one-key mappings under `arguments:`
+whose values are written as on the command line (`layers_per_block: 2 2 2 2 2 24`); a plain `key: value` mapping
+works too.  One YAML serves every entry point: keys of other entry points are ignored with a note, official keys
+that have no effect here are accepted with a note, an unknown key is an error naming it.  Flags keep the official
+names and meanings (`--img_size` in pixels, `--channel_size`, `--txt_size`, `--vae`, ...); on/off flags are
+booleans that also take the official 0/1 (`--fsdp`, `--fsdp 1`, `--fsdp true`, `--fsdp 0`).
+
+A checkpoint that stores its model configuration is authoritative for the architecture: a flag or YAML key that
+contradicts it is an error naming the key, both values and the checkpoint.  Its stored input flags (`RUN_KEYS`) are
+defaults that flags and YAML keys override, as are all sampling settings.
+
+This module imports no torch, so that `--help` and flag errors answer at once.
 """
 import argparse
 import math
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -20,7 +32,6 @@ INERT_KEYS = {"nvp", "adaln", "wds", "compile", "fp8", "use_8bit_adam", "vae_dec
               "noise_embed_denoiser", "use_pretrained_lm", "secondary_dataset", "secondary_img_size",
               "secondary_vid_size", "secondary_batch_size", "secondary_ratio", "caption_column", "vae_adapter"}
 ASPECT_RATIOS = ["1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21"]
-
 
 # Flags that fix what a model's inputs are; checkpoints store them so that sampling needs no flags.
 RUN_KEYS = ("text", "txt_size", "vae", "finetuned_vae", "img_size", "vid_size", "channel_size", "patch_size",
@@ -32,15 +43,16 @@ class ConfigError(ValueError):
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (`error: ...`) and exit with status 2."""
+    """An argument parser whose errors are one line (`error: ...`) and exit with status 2; --help shows defaults."""
 
     def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
+        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+# ---- value types --------------------------------------------------------------------------------------------------
 def number(kind: type = float, minimum: float | None = None, above: float | None = None):
     """An argparse type for a finite int or float, at least `minimum` or greater than `above`; a value out of range
     is refused in one line that names the flag and the allowed range (also from a YAML file)."""
@@ -62,123 +74,313 @@ def number(kind: type = float, minimum: float | None = None, above: float | None
     return parse
 
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def boolean(text) -> bool:
+    """On/off flag values: 1/true/yes/on and 0/false/no/off (any case); the official scripts write 0/1."""
+    word = str(text).strip().lower()
+    if word in TRUE or word in FALSE:
+        return word in TRUE
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {text!r}")
+
+
+boolean.__name__ = "0/1 or true/false"
+POSITIVE, COUNT = number(int, minimum=1), number(int, minimum=0)
+
+
+def switch(g, name: str, default: bool, help: str):
+    """An on/off flag: `--name` alone turns it on, `--name 0|1|true|false` sets it."""
+    g.add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=default, metavar="0|1", help=help)
+
+
+# ---- model options ------------------------------------------------------------------------------------------------
+class ModelFlag(NamedTuple):
+    """The flag of one ModelConfig field: its official name, type, default and help."""
+    flag: str
+    type: object
+    default: object
+    help: str
+    nargs: str | None = None
+    choices: tuple | None = None
+
+
+# One entry per transformer_flow.ModelConfig field, in its order (tests/test_config.py checks that they agree),
+# except img_size (from --img_size in pixels and the VAE's factor) and txt_dim (the text encoder's width).
+MODEL_FLAGS = {
+    "in_channels": ModelFlag("channel_size", POSITIVE, 3, "latent channels: 4 for SD-VAE, 48 for Wan2.2, 3 for pixels"),
+    "patch_size": ModelFlag("patch_size", POSITIVE, 4, "side of the square of latents that forms one token"),
+    "channels": ModelFlag("channels", POSITIVE, 512, "transformer width of every block (the deep block: see "
+                          "--top_block_channels)"),
+    "num_blocks": ModelFlag("blocks", POSITIVE, 4, "flow blocks, when --layers_per_block has one entry"),
+    "layers_per_block": ModelFlag("layers_per_block", COUNT, [8], "transformer layers of each flow block, shallow "
+                                  "blocks first and the deep block last; one entry: the same for all --blocks",
+                                  nargs="+"),
+    "head_dim": ModelFlag("head_dim", POSITIVE, 64, "channels per attention head"),
+    "num_heads": ModelFlag("num_heads", POSITIVE, None, "attention heads (default: width / head_dim)"),
+    "num_kv_heads": ModelFlag("num_kv_heads", POSITIVE, None, "key/value heads, for grouped-query attention "
+                              "(default: as many as query heads)"),
+    "rope": ModelFlag("rope", boolean, True, "rotary position embeddings (the only kind supported)"),
+    "pt_seq_len": ModelFlag("pt_seq_len", POSITIVE, None, "RoPE reference grid side, in tokens (default: latent "
+                            "size / patch size); other resolutions are rescaled to it"),
+    "sos": ModelFlag("sos", boolean, False, "a learned start token, so that the first token is transformed too"),
+    "txt_size": ModelFlag("txt_size", COUNT, 0, "text tokens per caption (padded or cut to exactly this; 0: no text)"),
+    "cond_top_only": ModelFlag("cond_top_only", boolean, False, "only the deep block reads the text"),
+    "use_softplus": ModelFlag("use_softplus", boolean, False, "scales from a softplus (else exp)"),
+    "use_swiglu": ModelFlag("use_swiglu", boolean, False, "gated (SwiGLU-style) MLPs"),
+    "use_bias": ModelFlag("use_bias", boolean, True, "biases in the attention and MLP projections"),
+    "use_qk_norm": ModelFlag("use_qk_norm", boolean, False, "RMS-normalise queries and keys"),
+    "use_post_norm": ModelFlag("use_post_norm", boolean, False, "RMS-normalise the output of every sublayer"),
+    "use_final_norm": ModelFlag("use_final_norm", boolean, False, "RMS-normalise the last hidden states of a block"),
+    "hf_style_rope": ModelFlag("hf_style_rope", boolean, False, "rotate channel halves (Hugging Face layout) "
+                               "instead of adjacent pairs"),
+    "norm_type": ModelFlag("norm_type", str, "layer_norm", "normalisation before each sublayer",
+                           choices=("layer_norm", "rms_norm", "none")),
+    "use_checkpoint": ModelFlag("gradient_checkpoint", COUNT, 0, "training: recompute the attention of every k-th "
+                                "layer in the backward pass, to save memory (0: never)"),
+    "use_checkpoint_mlp": ModelFlag("gradient_checkpoint_mlp", COUNT, None, "the same for MLPs (default: as "
+                                    "--gradient_checkpoint)"),
+    "soft_clip": ModelFlag("soft_clip", number(minimum=0), 0.0, "bound the affine parameters to c * tanh(./c) "
+                           "(0: unbounded)"),
+    "seq_order": ModelFlag("seq_order", str, "R2L", "token order of the deep block: R2L reversed, L2R raster "
+                           "(the shallow blocks alternate)", choices=("R2L", "L2R")),
+    "learnable_self_denoiser": ModelFlag("learnable_self_denoiser", boolean, False, "train a non-causal head that "
+                                         "predicts the score of the noisy latents, used to denoise samples"),
+    "conditional_denoiser": ModelFlag("conditional_denoiser", boolean, False, "the denoiser reads the text too"),
+    "temporal_causal": ModelFlag("temporal_causal", COUNT, 0, "video: shallow blocks flip within each frame, so "
+                                 "frames stay in causal order (0: off; the official configs write 1 or 2)"),
+    "top_block_channels": ModelFlag("top_block_channels", POSITIVE, None, "width of the deep block (default: "
+                                    "--channels)"),
+    "shallow_block_local": ModelFlag("shallow_block_local", boolean, False, "video: shallow blocks see each "
+                                     "latent frame on its own"),
+    "denoiser_window": ModelFlag("denoiser_window", POSITIVE, None, "video: latent frames the denoiser attends to"),
+    "local_attn_window": ModelFlag("local_attn_window", POSITIVE, None, "video: latent frames the deep block "
+                                   "attends to (sliding window)"),
+}
+DERIVED_MODEL_FIELDS = ("img_size", "txt_dim")
+TRAINING_ONLY_FIELDS = ("use_checkpoint", "use_checkpoint_mlp")  # memory, not architecture
+
+
 def add_model_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--channel_size", type=int, default=3, help="latent channels: 4 for SD-VAE, 48 for Wan2.2")
-    g.add_argument("--patch_size", type=int, default=4)
-    g.add_argument("--channels", type=int, default=512, help="transformer width")
-    g.add_argument("--top_block_channels", type=int, default=None, help="a wider deep block")
-    g.add_argument("--blocks", type=int, default=4, help="flow blocks, when layers_per_block has one entry")
-    g.add_argument("--layers_per_block", type=int, nargs="+", default=[8], help="shallow blocks first, deep last")
-    g.add_argument("--rope", type=int, default=1)
-    g.add_argument("--pt_seq_len", type=int, default=None, help="RoPE reference grid (default: latent size / patch)")
-    g.add_argument("--sos", type=int, default=0)
-    g.add_argument("--seq_order", choices=["R2L", "L2R"], default="R2L")
-    g.add_argument("--use_softplus", type=int, default=0)
-    g.add_argument("--cond_top_only", type=int, default=0, help="only the deep block sees the text")
-    g.add_argument("--head_dim", type=int, default=64)
-    g.add_argument("--num_heads", type=int, default=None)
-    g.add_argument("--num_kv_heads", type=int, default=None)
-    g.add_argument("--use_swiglu", type=int, default=0)
-    g.add_argument("--use_qk_norm", type=int, default=0)
-    g.add_argument("--use_post_norm", type=int, default=0)
-    g.add_argument("--use_final_norm", type=int, default=0)
-    g.add_argument("--use_bias", type=int, default=1)
-    g.add_argument("--norm_type", choices=["layer_norm", "rms_norm", "none"], default="layer_norm")
-    g.add_argument("--soft_clip", type=float, default=0, help="clip the affine parameters to c*tanh(./c)")
-    g.add_argument("--learnable_self_denoiser", type=int, default=0)
-    g.add_argument("--conditional_denoiser", type=int, default=0)
-    g.add_argument("--temporal_causal", type=int, default=0)
-    g.add_argument("--shallow_block_local", type=int, default=0, help="shallow blocks see each frame on its own")
-    g.add_argument("--denoiser_window", type=int, default=None, help="frames the video denoiser attends to")
-    g.add_argument("--local_attn_window", type=int, default=None, help="latent frames the deep block attends to")
-    g.add_argument("--gradient_checkpoint", type=int, default=0, help="checkpoint attention every k layers")
-    g.add_argument("--gradient_checkpoint_mlp", type=int, default=None, help="MLPs (default: as attention)")
+    g = p.add_argument_group("model (a checkpoint that stores its configuration needs none of these)")
+    for spec in MODEL_FLAGS.values():
+        if spec.type is boolean:
+            switch(g, spec.flag, spec.default, spec.help)
+        else:
+            g.add_argument(f"--{spec.flag}", type=spec.type, default=spec.default, nargs=spec.nargs,
+                           choices=spec.choices, help=spec.help)
 
 
+def model_options(args: argparse.Namespace, txt_dim: int, downsample_factor: int) -> dict:
+    """The ModelConfig keyword arguments of a run configuration: --img_size is in pixels, the model takes latents of
+    img_size / downsample_factor; txt_dim is the text encoder's width (0 without text)."""
+    options = {field: getattr(args, spec.flag) for field, spec in MODEL_FLAGS.items()}
+    layers = list(options["layers_per_block"])
+    options.update(layers_per_block=layers, num_blocks=len(layers) if len(layers) > 1 else args.blocks,
+                   img_size=args.img_size // downsample_factor, txt_dim=txt_dim)
+    return options
+
+
+def check_against_checkpoint(args: argparse.Namespace, given: dict[str, str], stored: dict, checkpoint: str):
+    """Raise a ConfigError if a model flag or YAML key in `given` (key -> where it was given) contradicts the model
+    configuration `stored` in `checkpoint` (architecture only: gradient checkpointing is free, and so is
+    --img_size, the sampling size)."""
+    def refuse(key, mine, field, theirs):
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        raise ConfigError(f"{given[key]} {show(mine)} contradicts checkpoint {checkpoint}, which stores {field} "
+                          f"{show(theirs)} (the checkpoint's architecture is used: drop the flag or YAML key)")
+
+    for field, spec in MODEL_FLAGS.items():
+        if field in TRAINING_ONLY_FIELDS or field not in stored or field == "num_blocks":
+            continue
+        if field == "layers_per_block":  # one entry means that many layers in each of --blocks blocks
+            layers, theirs = list(args.layers_per_block), list(stored[field])
+            blocks = args.blocks if "blocks" in given else len(theirs)
+            if "layers_per_block" in given and (layers if len(layers) > 1 else layers * blocks) != theirs:
+                refuse("layers_per_block", layers, field, theirs)
+            if "blocks" in given and len(layers) == 1 and args.blocks != len(theirs):
+                refuse("blocks", args.blocks, field, theirs)
+            continue
+        mine, theirs = getattr(args, spec.flag), stored[field]
+        if spec.flag not in given or mine is None:  # None: derived from the other options, as the model does
+            continue
+        if spec.type is boolean:
+            mine, theirs = bool(mine), bool(theirs)
+        if mine != theirs:
+            refuse(spec.flag, mine, field, theirs)
+
+
+# ---- the other groups ---------------------------------------------------------------------------------------------
 def add_data_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("data, VAE and text encoder")
-    g.add_argument("--data", type=Path, default=Path("data"), help="dataset location")
-    g.add_argument("--dataset", type=str, default="shapes", help="dataset kind or name")
-    g.add_argument("--logdir", type=Path, default=Path("logs"), help="outputs: checkpoints, samples")
-    g.add_argument("--img_size", type=int, default=32, help="image side in pixels (the area is img_size^2)")
-    g.add_argument("--vid_size", type=str, default=None, help="'frames:fps' for video, e.g. 81:16")
-    g.add_argument("--fps_cond", type=int, default=0, help="put the fps into the prompt")
-    g.add_argument("--mix_aspect", type=int, default=0, help="aspect-ratio buckets; the ratio goes into the prompt")
-    g.add_argument("--no_flip", type=int, default=0, help="no random horizontal flips")
-    g.add_argument("--vae", type=str, default=None, help="VAE: Hub name or local directory, with :scale for Wan2.2")
-    g.add_argument("--finetuned_vae", type=str, default="none", help="local file of fine-tuned decoder weights")
+    g.add_argument("--data", type=Path, default=Path("data"),
+                   help="dataset location: a folder of images/videos, or WebDataset shards (a pattern or list)")
+    g.add_argument("--dataset", type=str, default="shapes", help="shapes (generated), folder, or webdataset")
+    g.add_argument("--logdir", type=Path, default=Path("logs"), help="where outputs go: checkpoints, samples")
+    g.add_argument("--img_size", type=POSITIVE, default=32, help="image side in pixels (the area is img_size^2)")
+    g.add_argument("--vid_size", type=str, default=None, help="video: 'frames:fps', e.g. 81:16 (default: images)")
+    switch(g, "fps_cond", False, "put the frame rate into the prompt")
+    switch(g, "mix_aspect", False, "aspect-ratio buckets; the ratio goes into the prompt")
+    switch(g, "no_flip", False, "no random horizontal flips")
+    g.add_argument("--vae", type=str, default=None,
+                   help="VAE: Hub name or local directory, with :scale for Wan2.2 (default: none, pixels)")
+    g.add_argument("--finetuned_vae", type=str, default="none",
+                   help="local file of decoder weights fine-tuned on noisy latents (finetune_decoder.py)")
     g.add_argument("--text", type=str, default=None, help="text encoder: Hub name or local directory")
-    g.add_argument("--txt_size", type=int, default=0, help="text tokens (padded or truncated to exactly this)")
-    g.add_argument("--noise_std", type=float, default=0.3, help="latent noise augmentation")
-    g.add_argument("--noise_type", choices=["gaussian", "uniform"], default="gaussian")
-    g.add_argument("--cond_noise_level", type=int, default=0, help="put the noise level into the prompt")
+    g.add_argument("--noise_std", type=number(minimum=0), default=0.3,
+                   help="std of the Gaussian noise added to the latents in training (latent units)")
+    g.add_argument("--noise_type", choices=["gaussian", "uniform"], default="gaussian",
+                   help="gaussian latent noise, or uniform dequantisation noise of 8-bit pixels")
+    switch(g, "cond_noise_level", False, "put the noise level into the prompt")
+    g.add_argument("--num_workers", type=COUNT, default=2, help="data-loading processes per rank")
+
+
+def add_optimization_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("optimisation (train.py and finetune_decoder.py)")
+    g.add_argument("--train_seed", type=int, default=None, help="seed of the initial weights, data order and noise")
+    g.add_argument("--batch_size", type=POSITIVE, default=128, help="global batch size, in samples")
+    g.add_argument("--epochs", type=POSITIVE, default=1000, help="epochs to train")
+    g.add_argument("--epoch_length", type=POSITIVE, default=50000, help="samples per epoch (shapes and shards)")
+    g.add_argument("--max_steps", type=COUNT, default=0, help="stop after this many optimizer steps (0: --epochs)")
+    g.add_argument("--lr", type=number(minimum=0), default=1e-4, help="peak learning rate")
+    g.add_argument("--min_lr", type=number(minimum=0), default=1e-6, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup_steps", type=COUNT, default=None,
+                   help="optimizer steps of linear warm-up (train.py default: one epoch)")
+    g.add_argument("--grad_clip", type=number(minimum=0), default=0,
+                   help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--log_every", type=POSITIVE, default=10, help="print one line of metrics every N steps")
 
 
 def add_training_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("training")
-    g.add_argument("--train_seed", type=int, default=None)
-    g.add_argument("--batch_size", type=int, default=128, help="global batch size")
-    g.add_argument("--acc", type=int, default=1, help="gradient-accumulation steps")
-    g.add_argument("--epochs", type=int, default=1000)
-    g.add_argument("--epoch_length", type=int, default=50000, help="samples per epoch")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_steps", type=int, default=None, help="default: one epoch")
-    g.add_argument("--drop_label", type=float, default=0, help="caption dropout for guidance")
-    g.add_argument("--drop_image", type=float, default=0, help="video: drop the first latent frame")
-    g.add_argument("--resume_path", type=str, default=None)
-    g.add_argument("--fsdp", type=int, default=0)
-    g.add_argument("--fsdp_text_encoder", type=int, default=0)
-    g.add_argument("--latent_norm_regularization", type=float, default=0)
-    g.add_argument("--loss_scaling", type=int, default=1, help="gradient scaling (fp16 only)")
-    g.add_argument("--grad_clip", type=float, default=0)
-    g.add_argument("--grad_skip", type=int, default=0, help="skip steps whose gradient norm exceeds grad_clip")
-    g.add_argument("--dry_run", type=int, default=0)
-    g.add_argument("--wandb_name", type=str, default=None)
-    g.add_argument("--save_every", type=int, default=20)
-    g.add_argument("--sample_freq", type=int, default=1)
+    g = p.add_argument_group("training (train.py)")
+    g.add_argument("--acc", type=POSITIVE, default=1, help="gradient-accumulation micro-batches per step")
+    g.add_argument("--drop_label", type=number(minimum=0), default=0,
+                   help="probability of an empty caption, for classifier-free guidance")
+    g.add_argument("--drop_image", type=number(minimum=0), default=0,
+                   help="video: probability of dropping the first latent frame (learns to extend clips)")
+    g.add_argument("--resume_path", type=str, default=None,
+                   help="a checkpoint folder to continue, or weights (.pth, .safetensors) to start from; a run under "
+                        "way in --logdir continues by itself")
+    switch(g, "fsdp", False, "shard the model with FSDP2 across the processes (else DDP)")
+    switch(g, "fsdp_text_encoder", False, "with --fsdp, shard the frozen text encoder too")
+    g.add_argument("--latent_norm_regularization", type=number(minimum=0), default=0,
+                   help="weight of the mean square of the blocks' intermediate latents in the loss")
+    switch(g, "loss_scaling", True, "dynamic loss scaling with --precision fp16")
+    switch(g, "grad_skip", False, "skip steps whose gradient norm exceeds --grad_clip (after step 100)")
+    switch(g, "dry_run", False, "one step, one sample grid, no checkpoint: checks a configuration")
+    switch(g, "wandb", False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--wandb_name", type=str, default=None, help="Weights & Biases run name")
+    g.add_argument("--save_every", type=POSITIVE, default=20, help="checkpoint every N epochs")
+    g.add_argument("--save_every_steps", type=COUNT, default=0, help="also checkpoint every N steps (0: never)")
+    g.add_argument("--keep_checkpoints", type=COUNT, default=3, help="newest checkpoints kept (0: all)")
+    g.add_argument("--sample_freq", type=COUNT, default=1, help="sample a preview grid every N epochs (0: never)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute precision (auto: bf16 on GPU, fp32 on CPU); fp16 uses loss scaling")
+    g.add_argument("--ema_decay", type=number(minimum=0), default=0.9999,
+                   help="decay of the exponential moving average of the weights, per step (0: none)")
+    g.add_argument("--denoiser_lr", type=number(minimum=0), default=1e-4,
+                   help="peak learning rate of the learnable self-denoiser")
+    g.add_argument("--export_name", type=str, default="model.safetensors",
+                   help="consolidated weights in the logdir: .safetensors (with the config) or .pth (official)")
+    g.add_argument("--export_dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="precision of the exported weights (fp16: half the size; loading casts back)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("sampling")
-    g.add_argument("--checkpoint_path", type=str, default=None)
-    g.add_argument("--caption", type=str, default=None, help="a caption, or a .txt file with one per line")
-    g.add_argument("--input_image", type=str, default=None, help="first frame for image-to-video")
-    g.add_argument("--aspect_ratio", choices=["random"] + ASPECT_RATIOS, default="1:1")
-    g.add_argument("--out_fps", type=int, default=None,
-                   help="frame rate of the videos (and of the prompt with --fps_cond); default: that of --vid_size, else 8")
-    g.add_argument("--seed", type=int, default=191)
-    g.add_argument("--sample_batch_size", type=number(int, minimum=1), default=16)
+    g = p.add_argument_group("sampling (sample.py; train.py's previews use --cfg and the decoding flags)")
+    g.add_argument("--checkpoint_path", type=str, default=None,
+                   help="an exported .safetensors, a training checkpoint folder, or an official .pth (with its YAML)")
+    g.add_argument("--caption", type=str, default=None, help="a caption, a template name, or a .txt file with one "
+                   "caption per line")
+    g.add_argument("--input_image", type=str, default=None, help="video: an image file as the first frame")
+    g.add_argument("--aspect_ratio", choices=["random"] + ASPECT_RATIOS, default="1:1",
+                   help="width:height of the samples, with --mix_aspect models")
+    g.add_argument("--out_fps", type=POSITIVE, default=None,
+                   help="frame rate of the videos (and of the prompt with --fps_cond); default: that of --vid_size, "
+                        "else 8")
+    g.add_argument("--seed", type=int, default=191, help="the noise of caption i comes from (seed, i) alone")
+    g.add_argument("--sample_batch_size", type=POSITIVE, default=16, help="samples per batch and process")
     g.add_argument("--cfg", type=number(minimum=0), default=5, help="guidance scale (0: no guidance)")
-    g.add_argument("--guide_top", type=int, default=None)
-    g.add_argument("--jacobi", type=int, choices=[0, 1], default=1,
-                   help="0: exact sequential decoding; 1: the checkpoint's calibrated decoding plan (see "
-                        "--calibrate_decoding), else the default plan, unless a --jacobi_* flag is given")
+    switch(g, "guide_top", False, "guide the deep block only (models trained with text in every block)")
+    switch(g, "jacobi", True, "0: exact sequential decoding; 1: the checkpoint's calibrated decoding plan (see "
+           "--calibrate_decoding), else the default plan, unless a --jacobi_* flag is given")
     g.add_argument("--jacobi_th", type=number(minimum=0), default=None,
-                   help="with any --jacobi_* flag, Jacobi iteration in every block (official defaults 0.005, 64, 32)")
-    g.add_argument("--jacobi_block_size", type=number(int, minimum=1), default=None)
-    g.add_argument("--jacobi_max_iter", type=number(int, minimum=1), default=None)
-    g.add_argument("--attn_temp", type=number(above=0), default=1)
-    g.add_argument("--denoising_batch_size", type=number(int, minimum=1), default=1)
-    g.add_argument("--disable_learnable_denoiser", type=int, default=0)
-    g.add_argument("--target_noise_std", type=float, default=None)
-    g.add_argument("--target_length", type=number(int, minimum=1), default=None,
-                   help="video frames, beyond the training length")
-    g.add_argument("--context_length", type=number(int, minimum=1), default=None,
-                   help="latent frames of context for long videos")
-    g.add_argument("--save_folder", type=int, default=0)
-    g.add_argument("--return_sequence", type=int, default=0)
+                   help="with any --jacobi_* flag, Jacobi iteration in every block: settling threshold on the squared "
+                        "change relative to the window's mean square (official default 0.005)")
+    g.add_argument("--jacobi_block_size", type=POSITIVE, default=None,
+                   help="tokens solved together per Jacobi window (official default 64)")
+    g.add_argument("--jacobi_max_iter", type=POSITIVE, default=None,
+                   help="Jacobi iterations after which a token is final (official default 32)")
+    g.add_argument("--attn_temp", type=number(above=0), default=1, help="attention temperature of the deep block")
+    g.add_argument("--denoising_batch_size", type=POSITIVE, default=1,
+                   help="samples per self-denoising pass (memory; the result is the same)")
+    switch(g, "disable_learnable_denoiser", False, "self-denoise with the flow's score even when the model has a "
+           "learnable denoiser")
+    g.add_argument("--target_noise_std", type=number(minimum=0), default=None,
+                   help="noise level to denoise from (default: --noise_std)")
+    g.add_argument("--target_length", type=POSITIVE, default=None,
+                   help="video frames to generate, beyond the training length (sliding window)")
+    g.add_argument("--context_length", type=POSITIVE, default=None,
+                   help="latent frames of context kept when the window slides (default: window - 1)")
+    switch(g, "save_folder", False, "with a caption file, one output per caption, named by its line index")
+    switch(g, "return_sequence", False, "save every flow block's output side by side")
+    switch(g, "verbose", False, "progress bars for each flow block")
+    switch(g, "save_latents", False, "also write each output's latents (the flow's samples, before "
+           "self-denoising) as .safetensors")
+    g.add_argument("--calibrate_decoding", type=COUNT, default=0,
+                   help="calibrate a decoding plan for this checkpoint on this device at batch N (the first N "
+                        "captions) and store it beside the checkpoint; sampling uses the plan calibrated nearest "
+                        "its batch size (writes no samples)")
+    g.add_argument("--calibration_tolerance", type=number(above=0), default=1e-2,
+                   help="largest relative L2 distance of the calibrated plan's latents to the exact inverse")
 
 
-GROUPS = (add_model_args, add_data_args, add_training_args, add_sampling_args)
+def add_device_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("device")
+    g.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
-def build_parser(*groups, description: str | None = None) -> Parser:
+def add_finetune_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("decoder fine-tuning (finetune_decoder.py)")
+    switch(g, "train_autoencoder", False, "train a small AutoencoderKL from scratch instead")
+    g.add_argument("--ae_channels", type=POSITIVE, nargs="+", default=[16, 32, 32],
+                   help="new autoencoder: block widths; each block after the first halves the resolution")
+    g.add_argument("--ae_layers_per_block", type=POSITIVE, default=1, help="new autoencoder: layers per block")
+    g.add_argument("--ae_norm_groups", type=POSITIVE, default=8, help="new autoencoder: GroupNorm groups")
+    g.add_argument("--ae_latent_channels", type=POSITIVE, default=4, help="new autoencoder: latent channels")
+    g.add_argument("--kl_weight", type=number(minimum=0), default=1e-6,
+                   help="new autoencoder: KL weight relative to the reconstruction error summed over pixels (LDM)")
+    g.add_argument("--lpips_weights", type=str, default="ckpts/lpips_vgg16.safetensors",
+                   help="VGG16 features + LPIPS linear layers (see misc.losses.LPIPS); absent: no LPIPS term")
+    g.add_argument("--lpips_weight", type=number(minimum=0), default=1.1, help="weight of the LPIPS loss")
+    g.add_argument("--disc_weight", type=number(minimum=0), default=0.1, help="GAN loss weight (0: no discriminator)")
+    g.add_argument("--disc_start", type=COUNT, default=0, help="steps before the GAN loss starts")
+    g.add_argument("--disc_channels", type=POSITIVE, default=64, help="width of the PatchGAN discriminator")
+    g.add_argument("--lecam_weight", type=number(minimum=0), default=0.001, help="LeCam regularisation weight")
+    g.add_argument("--wavelet_weight", type=number(minimum=0), default=0.5, help="3-D Haar wavelet loss (video only)")
+    switch(g, "use_3d_disc", False, "video: a 3-D discriminator instead of one per frame")
+    g.add_argument("--inception_weights", type=Path, default=Path("ckpts/inception-2015-12-05.pt"),
+                   help="TorchScript Inception-v3 feature extractor for rFID; absent: no rFID")
+    g.add_argument("--eval_images", type=POSITIVE, default=64, help="held-out images for the evaluation")
+
+
+def add_inspect_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("inspection (python -m utils.model_setup)")
+    switch(g, "components", False, "also load the text encoder and the VAE")
+
+
+GROUPS = (add_model_args, add_data_args, add_optimization_args, add_training_args, add_sampling_args,
+          add_device_args, add_finetune_args, add_inspect_args)
+
+
+def build_parser(*groups, description: str | None = None, defaults: dict | None = None) -> Parser:
+    """A parser with --model_config_path and the given groups of flags; `defaults` overrides some defaults."""
     p = Parser(description=description)
     p.add_argument("--model_config_path", type=Path, default=None, help="YAML configuration (official format)")
     for add in groups:
         add(p)
+    if defaults:
+        p.set_defaults(**defaults)
     return p
 
 
@@ -187,8 +389,8 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--model_config_path {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if isinstance(data, dict) and isinstance(data.get("arguments"), list) and len(data) == 1:
         pairs = [item for item in data["arguments"] if isinstance(item, dict) and len(item) == 1]
@@ -207,7 +409,8 @@ def convert(action: argparse.Action, value, where: str):
     if isinstance(value, bool):
         value = int(value)
     words = [str(v) for v in value] if isinstance(value, list) else str(value).split()
-    if action.nargs is None and len(words) != 1:
+    single = action.nargs in (None, "?")
+    if single and len(words) != 1:
         words = [str(value)]
     try:
         parsed = [action.type(w) if action.type else w for w in words]
@@ -218,35 +421,46 @@ def convert(action: argparse.Action, value, where: str):
     for v in parsed:
         if action.choices is not None and v not in action.choices:
             raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(str, action.choices))}")
-    return parsed if action.nargs else parsed[0]
+    return parsed[0] if single else parsed
 
 
-def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-                 stored: dict | None = None) -> argparse.Namespace:
-    """Parse the command line and merge: defaults < `stored` (the flags a checkpoint was trained with) < YAML
-    (--model_config_path) < flags typed on the command line."""
+def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None, stored: dict | None = None,
+                 checkpoint: str | None = None) -> argparse.Namespace:
+    """Parse the command line and merge: defaults < stored["run"] (the input flags a checkpoint was trained with) <
+    YAML (--model_config_path) < flags typed on the command line.  A model flag or YAML key that contradicts
+    stored["config"] (the checkpoint's model configuration) is a ConfigError naming `checkpoint`."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     typed = {a.dest for a in parser._actions for opt in a.option_strings
              if any(w == opt or w.startswith(opt + "=") for w in argv)}
-    for key, value in (stored or {}).items():
+    for key, value in (stored or {}).get("run", {}).items():
         if key not in typed:
             setattr(args, key, value)
-    if args.model_config_path is None:
-        return args
-    # Keys of every entry point are valid (one YAML serves training and sampling), and so are this parser's own.
-    actions = {a.dest: a for a in build_parser(*GROUPS)._actions} | {a.dest: a for a in parser._actions}
-    values = read_yaml(args.model_config_path)
-    unknown = sorted(k for k in values if k not in actions and k not in INERT_KEYS)
-    if unknown:
-        raise ConfigError(f"{args.model_config_path}: unknown key(s): {', '.join(unknown)}")
-    ignored = sorted(k for k in values if k in INERT_KEYS)
-    if ignored:
-        print(f"note: {args.model_config_path}: ignoring official keys that have no effect: {', '.join(ignored)}")
-    for key, value in values.items():
-        if key in actions and key not in typed and key != "model_config_path":
-            setattr(args, key, convert(actions[key], value, f"{args.model_config_path}: {key}"))
+    given = {key: f"--{key}" for key in typed}
+    if args.model_config_path is not None:
+        given |= {key: f"{args.model_config_path}: {key}" for key in apply_yaml(parser, args, typed)}
+    if (stored or {}).get("config"):
+        check_against_checkpoint(args, given, stored["config"], checkpoint)
     return args
+
+
+def apply_yaml(parser: argparse.ArgumentParser, args: argparse.Namespace, typed: set[str]) -> set[str]:
+    """Set the YAML's keys that were not typed; returns the keys that apply to this parser."""
+    path = args.model_config_path
+    mine = {a.dest: a for a in parser._actions}
+    everyone = {a.dest for a in build_parser(*GROUPS)._actions}
+    values = read_yaml(path)
+    unknown = sorted(k for k in values if k not in mine and k not in everyone and k not in INERT_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s): {', '.join(unknown)}")
+    for kind, keys in (("official keys that have no effect", [k for k in values if k in INERT_KEYS]),
+                       ("keys of other entry points", [k for k in values if k in everyone and k not in mine])):
+        if keys:
+            print(f"note: {path}: ignoring {kind}: {', '.join(sorted(keys))}")
+    for key, value in values.items():
+        if key in mine and key not in typed and key != "model_config_path":
+            setattr(args, key, convert(mine[key], value, f"{path}: {key}"))
+    return {k for k in values if k in mine and k not in typed}
 
 
 def run_cli(main):
@@ -259,4 +473,5 @@ def run_cli(main):
     except (ConfigError, PretrainedNotFound, FileNotFoundError, ValueError) as err:
         if os.environ.get("STARFLOW_DEBUG"):
             raise
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

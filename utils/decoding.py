@@ -25,8 +25,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -183,12 +183,12 @@ def calibrate(model: Model, z: torch.Tensor, y: torch.Tensor | None, guidance: f
         seconds = {SEQUENTIAL: math.inf} | {d: math.inf for d in tried}
         errors, slow = {SEQUENTIAL: 0.0}, set()
         bar = tqdm(total=repeats * len(seconds), desc=f"calibrating block {i}", disable=not verbose, leave=False)
-        for r in range(repeats):
+        for _ in range(repeats):
             for d in seconds:
                 bar.update()
                 if d in slow:
                     continue
-                t, out = timed(lambda: decode(i, exact[i], d))
+                t, out = timed(lambda i=i, d=d: decode(i, exact[i], d))
                 seconds[d] = min(seconds[d], t)
                 if d not in errors:
                     errors[d] = relative_error(finish(i, out), final)

@@ -11,7 +11,16 @@ from pathlib import Path
 import torch
 
 from transformer_flow import Model, load_official_state_dict
-from utils.config import ConfigError, add_data_args, add_model_args, build_parser, parse_config, run_cli
+from utils.config import (
+    ConfigError,
+    add_data_args,
+    add_inspect_args,
+    add_model_args,
+    build_parser,
+    model_options,
+    parse_config,
+    run_cli,
+)
 from utils.hub import PretrainedNotFound, resolve_pretrained
 
 # Shapes of the pretrained components the official configurations name, for building without their weights.
@@ -58,31 +67,13 @@ def vae_downsample_factors(name: str) -> tuple[int, int]:
     raise ConfigError(f"--vae {name}: its downsampling factor is unknown without its files (provide them locally)")
 
 
-def model_kwargs(args, txt_dim: int, downsample_factor: int) -> dict:
-    """The Model keyword arguments of a run configuration (`--img_size` is in pixels; the model takes latents)."""
-    layers = list(args.layers_per_block)
-    return dict(
-        in_channels=args.channel_size, img_size=args.img_size // downsample_factor, patch_size=args.patch_size,
-        channels=args.channels, num_blocks=len(layers) if len(layers) > 1 else args.blocks, layers_per_block=layers,
-        head_dim=args.head_dim, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, rope=args.rope,
-        pt_seq_len=args.pt_seq_len, sos=args.sos, txt_size=args.txt_size, txt_dim=txt_dim,
-        cond_top_only=args.cond_top_only, use_softplus=args.use_softplus, use_swiglu=args.use_swiglu,
-        use_bias=args.use_bias, use_qk_norm=args.use_qk_norm, use_post_norm=args.use_post_norm,
-        use_final_norm=args.use_final_norm, norm_type=args.norm_type, use_checkpoint=args.gradient_checkpoint,
-        use_checkpoint_mlp=args.gradient_checkpoint_mlp, soft_clip=args.soft_clip, seq_order=args.seq_order,
-        learnable_self_denoiser=args.learnable_self_denoiser, conditional_denoiser=args.conditional_denoiser,
-        temporal_causal=args.temporal_causal, top_block_channels=args.top_block_channels,
-        shallow_block_local=args.shallow_block_local, denoiser_window=args.denoiser_window,
-        local_attn_window=args.local_attn_window)
-
-
 def setup_transformer(args, txt_dim: int | None = None, downsample_factor: int | None = None) -> Model:
     """The flow model of a run configuration; the text width and VAE factor default to the named components'."""
     if txt_dim is None:
         txt_dim = text_width(args.text) if args.text else 0
     if downsample_factor is None:
         downsample_factor = vae_downsample_factors(args.vae)[0] if args.vae else 1
-    return Model(**model_kwargs(args, txt_dim, downsample_factor))
+    return Model(**model_options(args, txt_dim, downsample_factor))
 
 
 def stored_metadata(path) -> dict:
@@ -149,8 +140,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def main(argv=None):
-    parser = build_parser(add_model_args, add_data_args, description=__doc__)
-    parser.add_argument("--components", type=int, default=0, help="also load the text encoder and the VAE")
+    parser = build_parser(add_model_args, add_data_args, add_inspect_args, description=__doc__)
     args = parse_config(parser, argv)
     with torch.device("meta"):
         model = setup_transformer(args)
@@ -160,12 +150,13 @@ def main(argv=None):
     if args.learnable_self_denoiser:
         print(f"  learnable_self_denoiser: {count_parameters(model.learnable_self_denoiser):,}")
     if args.components:
-        from utils.text import setup_encoder
+        from utils.text import TextEncoder
         from utils.vae import setup_vae
 
         if args.text:
-            _, encoder = setup_encoder(args.text)
-            print(f"text encoder {args.text}: {count_parameters(encoder):,} parameters (frozen)")
+            text = TextEncoder.from_args(args)
+            print(f"text encoder {args.text}: {count_parameters(text.encoder):,} parameters (frozen), width "
+                  f"{text.width}")
         if args.vae:
             vae = setup_vae(args.vae, args.finetuned_vae)
             print(f"VAE {args.vae}: {vae.latent_channels} latent channels, {vae.downsample_factor}x spatial, "

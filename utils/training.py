@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from transformer_flow import AttentionBlock, MetaBlock, Model, NonCausalBlock
 
@@ -68,8 +66,8 @@ def init_processes(device: str | None = None) -> Processes:
 # ---- parallelism --------------------------------------------------------------------------------------------------
 def parallelize(model: Model, procs: Processes, fsdp: bool, bf16: bool) -> torch.nn.Module:
     """With several processes, shard the model with FSDP2 (each transformer layer, then each flow block and the
-    denoiser, then the root), or wrap it in DDP without FSDP; one process trains the bare model.  bf16 parameters in compute with fp32 master weights and
-    gradient reduction when `bf16`.  Returns what the training step calls (the model itself under FSDP)."""
+    denoiser, then the root), or wrap it in DDP without FSDP; one process trains the bare model.  bf16 parameters
+    in compute with fp32 master weights and gradient reduction when `bf16`.  Returns what the training step calls (the model itself under FSDP)."""
     if fsdp and procs.world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -168,28 +166,67 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=checkpoint_step) if found else None
 
 
-def train_state(model, optimizers, ema: EMA | None) -> dict:
-    """The distributed part of a checkpoint, in the form DCP saves and loads in place (names as in the bare model,
-    whatever wraps it, so checkpoints move between single-process, DDP and FSDP runs)."""
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizers)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    return state
+class TrainState:
+    """Everything a run continues from, saved and loaded whole by save_checkpoint / load_checkpoint (the Stateful
+    pattern of torch.distributed.checkpoint and torchtitan).
+
+    `state_dict()` is the distributed part, which DCP saves sharded: model, optimizers and EMA, named as in the bare
+    model whatever wraps it, so that checkpoints move between single-process, DDP and FSDP runs.
+    `local_state_dict()` is this rank's part: step, epoch, data position and every random state, with the model
+    configuration and input flags (utils.config.RUN_KEYS) that sampling from a checkpoint folder reads.
+    """
+
+    def __init__(self, model, optimizers: list, ema: "EMA | None", loader, generator: torch.Generator,
+                 device: torch.device, config: dict | None = None, run: dict | None = None):
+        self.model, self.optimizers, self.ema, self.loader = model, optimizers, ema, loader
+        self.generator, self.device = generator, device
+        self.config, self.run = config or {}, run or {}
+        self.step = self.epoch = 0
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(unwrap(self.model), self.optimizers)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()  # its own tensors: DCP loads them in place
+        return state
+
+    def load_state_dict(self, state: dict):
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(unwrap(self.model), self.optimizers, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def local_state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"step": self.step, "epoch": self.epoch, "loader": self.loader.state_dict(), "config": self.config,
+                "run": self.run, "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                                         "cuda": cuda}}
+
+    def load_local_state_dict(self, local: dict):
+        self.step, self.epoch = local["step"], local["epoch"]
+        torch.set_rng_state(local["rng"]["torch"])
+        self.generator.set_state(local["rng"]["generator"])
+        if local["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(local["rng"]["cuda"], self.device)
+        self.loader.load_state_dict(local["loader"])
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizers, ema, extra: dict, procs: Processes, keep: int = 3):
-    """Write step-<step> atomically; `extra` (step, data position, random states) is saved per rank.  Older
-    checkpoints beyond the newest `keep` (0: keep all) and leftovers of interrupted saves are removed."""
-    final, tmp = folder / f"step-{step:08d}", folder / f"step-{step:08d}.tmp"
+def save_checkpoint(folder: Path, state: TrainState, procs: Processes, keep: int = 3) -> Path:
+    """Write step-<state.step> atomically: the distributed part by DCP, this rank's part as extra-rank<N>.pt.
+    Older checkpoints beyond the newest `keep` (0: keep all) and leftovers of interrupted saves are removed."""
+    import torch.distributed.checkpoint as dcp
+
+    final, tmp = folder / f"step-{state.step:08d}", folder / f"step-{state.step:08d}.tmp"
     if procs.main:
         for leftover in folder.glob("step-*.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     procs.barrier()
     with quiet_dcp():
-        dcp.save(train_state(model, optimizers, ema), checkpoint_id=str(tmp))
-    torch.save(extra, tmp / f"extra-rank{procs.rank:05d}.pt")
+        dcp.save(state.state_dict(), checkpoint_id=str(tmp))
+    torch.save(state.local_state_dict(), tmp / f"extra-rank{procs.rank:05d}.pt")
     procs.barrier()
     if procs.main:
         shutil.rmtree(final, ignore_errors=True)
@@ -214,25 +251,27 @@ def quiet_dcp():
         logger.setLevel(level)
 
 
-def load_checkpoint(path: Path, model, optimizers, ema, procs: Processes) -> dict:
-    """Load a checkpoint written by save_checkpoint in place; returns this rank's `extra`.  Everything is read and
-    checked before the model is touched; a bad checkpoint is one CheckpointError naming it."""
+def load_checkpoint(path: Path, state: TrainState, procs: Processes):
+    """Load a checkpoint written by save_checkpoint into `state`, in place.  Everything is read and checked before
+    the model is touched; a bad checkpoint is one CheckpointError naming it."""
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
-    extra_file = path / f"extra-rank{procs.rank:05d}.pt"
+    local_file = path / f"extra-rank{procs.rank:05d}.pt"
     if not path.is_dir() or not (path / ".metadata").is_file():
         raise CheckpointError(f"--resume_path {path}: not a checkpoint folder (expected step-<N> with .metadata)")
-    if not extra_file.is_file():
-        raise CheckpointError(f"{path}: written by a run with another number of processes (no {extra_file.name})")
+    if not local_file.is_file():
+        raise CheckpointError(f"{path}: written by a run with another number of processes (no {local_file.name})")
     try:
         dcp.FileSystemReader(str(path)).read_metadata()
-        extra = torch.load(extra_file, map_location="cpu", weights_only=False)
-        state = train_state(model, optimizers, ema)
+        local = torch.load(local_file, map_location="cpu", weights_only=False)
+        distributed = state.state_dict()
         with quiet_dcp():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(distributed, checkpoint_id=str(path))
     except Exception as err:  # truncated or foreign files: the path is what the user needs
         raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    set_state_dict(unwrap(model), optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return extra
+    state.load_state_dict(distributed)
+    state.load_local_state_dict(local)
 
 
 def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, run: dict | None = None,

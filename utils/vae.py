@@ -6,14 +6,16 @@ so the rest of the code sees one layout: images (B, C, H, W) and videos (B, T, C
 import importlib.util
 import json
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLWan
 
 from utils.hub import local_path, resolve_pretrained
 
-_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLWan": AutoencoderKLWan}
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, AutoencoderKLWan
+
+_CLASSES = ("AutoencoderKL", "AutoencoderKLWan")  # diffusers classes; diffusers is imported when a VAE is built
 # The VAE's own files, at the root of a VAE repository or under vae/ of a pipeline repository: never a pipeline's
 # transformer or text encoder.
 _VAE_FILES = [f"{sub}{f}" for sub in ("", "vae/") for f in ("config.json", "diffusion_pytorch_model*.safetensors*")]
@@ -54,7 +56,9 @@ class LatentVAE(torch.nn.Module):
     unnormalised, and multiplies the latent frames after the first by `temporal_scale` (the `name:scale` suffix).
     """
 
-    def __init__(self, vae: AutoencoderKL | AutoencoderKLWan, temporal_scale: float = 1.0):
+    def __init__(self, vae: "AutoencoderKL | AutoencoderKLWan", temporal_scale: float = 1.0):
+        from diffusers import AutoencoderKLWan
+
         super().__init__()
         self.vae = vae
         config = vae.config
@@ -170,8 +174,10 @@ def setup_vae(name: str, finetuned: str | os.PathLike | None = None, device="cpu
         raise ValueError(f"VAE '{name}' is a {class_name}; supported: {', '.join(_CLASSES)}")
     # Low-memory loading needs accelerate; without it diffusers falls back with a warning, so ask only when it is there.
     low_memory = importlib.util.find_spec("accelerate") is not None
-    vae = LatentVAE(_CLASSES[class_name].from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=low_memory),
-                    temporal_scale)
+    import diffusers
+
+    vae = LatentVAE(getattr(diffusers, class_name).from_pretrained(folder, torch_dtype=dtype,
+                                                                   low_cpu_mem_usage=low_memory), temporal_scale)
     if finetuned not in (None, "none"):
         vae.load_finetuned(finetuned)
     return vae.to(device)
