@@ -155,31 +155,30 @@ class ShapesDataset:
 # Files
 
 def read_video(source: str | Path, frames: int, fps: int | None, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """`frames` frames (T, H, W, 3) of an .mp4 at `fps` (None: the source rate), and that rate.
+    """`frames` frames (T, H, W, 3) of a video at `fps` in time (None: the source's average rate), and that rate.
 
-    Every (source fps / fps)-th source frame (a step of at least 1) from a random start among those that fit; a clip
-    too short for the span is padded by repeating its last frame.
+    The clip starts at a random source frame among those that leave room for the span, and ffmpeg's fps filter
+    picks the frames showing at start + k / fps by their timestamps, so a variable-frame-rate clip keeps its timing
+    (frames are dropped, or repeated when fps exceeds the source's).  A clip too short for the span is padded by
+    repeating its last frame.  Audio tracks are ignored; any size is read as it is.
     """
     with imageio.get_reader(source, "ffmpeg") as reader:
         meta = reader.get_meta_data()
-        src_fps = meta["fps"]
-        step = max(1.0, src_fps / fps) if fps else 1.0
-        wanted = [round(k * step) for k in range(frames)]  # offsets from the start, strictly increasing
-        total = meta["nframes"] if math.isfinite(meta["nframes"]) else round(meta["duration"] * src_fps)
-        start = int(rng.integers(max(total - wanted[-1], 1)))
-        wanted = iter(w + start for w in wanted)
-        out, target, frame = [], next(wanted), None
-        for i, frame in enumerate(reader):
-            if i == target:
-                out.append(np.asarray(frame))
-                target = next(wanted, None)
-                if target is None:
-                    break
+    source_fps, duration = meta["fps"], meta.get("duration") or 0.0
+    rate = fps or source_fps
+    room = duration - (frames - 1) / rate - 1 / source_fps  # latest start that fits the span
+    start = math.floor(rng.uniform(0, room) * source_fps) / source_fps if room > 0 else 0.0
+    resample = f"trim=start={max(start - 1e-3, 0):.6f},setpts=PTS-STARTPTS,fps={rate}"
+    out, frame = [], None
+    with imageio.get_reader(source, "ffmpeg", output_params=["-vf", resample]) as reader:
+        for frame in reader:
+            out.append(np.asarray(frame))
+            if len(out) == frames:
+                break
     if frame is None:
         raise ValueError("no frames")
-    out = out or [np.asarray(frame)]  # the duration overstated the length: start from the last frame there is
     out += [out[-1]] * (frames - len(out))
-    return np.stack(out), fps or src_fps
+    return np.stack(out), rate
 
 
 def decode(source, video: bool, frames: int, fps: int | None, rng: np.random.Generator, where) -> tuple:

@@ -29,6 +29,7 @@ from utils.config import (
     add_sampling_args,
     add_training_args,
     build_parser,
+    check_image_size,
     parse_config,
     run_cli,
 )
@@ -201,6 +202,7 @@ def build(args, procs):
         raise ConfigError(f"--channel_size {args.channel_size} does not match the "
                           f"{'VAE' if vae else 'pixels (no --vae)'}: {channels} channels")
     factor = vae.downsample_factor if vae is not None else 1
+    check_image_size(args, factor)
     model = setup_transformer(args, text.width if text else 0, factor).to(procs.device)
     loader = build_loader(args, procs.rank, procs.world_size, factor * args.patch_size, args.num_workers)
     return text, vae, model, loader

@@ -218,3 +218,57 @@ def test_flags_that_agree_with_the_checkpoint_and_sampling_settings_pass():
     args = parse_config(build_parser(*sample.GROUPS), argv, stored_metadata(IMAGE_CKPT), str(IMAGE_CKPT))
     assert (args.cfg, args.img_size, args.guide_top, args.text) == (1.5, 48, True,
                                                                     "sentence-transformers/all-MiniLM-L6-v2")
+
+
+# ---- every numeric flag has a range -----------------------------------------------------------------------------
+def out_of_range(action) -> list[str] | None:
+    """A value of `action` that its type or choices must refuse, or None for free text (paths, names)."""
+    kind = action.type
+    if getattr(kind, "__name__", "") == "0/1 or true/false":
+        value = "maybe"
+    elif getattr(kind, "__name__", "") == "frames:fps":
+        value = "0:16"
+    elif action.choices is not None:
+        value = "bogus"
+    elif hasattr(kind, "minimum"):
+        integer = kind.__name__.startswith("an integer")
+        for bound, outside in (("minimum", -1), ("above", 0), ("maximum", 1), ("below", 0)):
+            if getattr(kind, bound) is not None:
+                value = str(getattr(kind, bound) + outside * (1 if integer else 0.5))
+                break
+        else:
+            value = "nan"
+    else:
+        return None
+    return [value] * (1 if action.nargs in (None, "?") else 2)
+
+
+def numeric_actions(parser):
+    return [a for a in parser._actions if a.option_strings and a.dest not in ("help", "model_config_path")]
+
+
+def test_no_numeric_flag_is_unbounded():
+    for name, parser in every_parser().items():
+        unbounded = [a.option_strings[0] for a in numeric_actions(parser) if a.type in (int, float)]
+        assert not unbounded, f"{name}: numeric flags without a range: {unbounded}"
+
+
+@pytest.mark.parametrize("entry", ["sample", "train", "finetune_decoder"])
+def test_every_flag_refuses_a_value_out_of_its_range_in_one_line(entry, tmp_path):
+    """The bad-input sweep: every flag with a type or choices, at a value outside them, is one line naming the flag,
+    exit status 2, no traceback, nothing written."""
+    import importlib
+
+    module = importlib.import_module(entry)
+    parser = every_parser()[f"{entry}.py"]
+    swept = 0
+    for action in numeric_actions(parser):
+        value = out_of_range(action)
+        if value is None:
+            continue
+        flag = action.option_strings[0]
+        code, err = cli_error(module.main, [flag, *value, "--logdir", str(tmp_path / "out")])
+        errors = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(errors) == 1 and flag in errors[0] and "Traceback" not in err, (flag, value, err)
+        swept += 1
+    assert swept > 20 and not (tmp_path / "out").exists()

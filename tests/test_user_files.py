@@ -262,3 +262,63 @@ def test_sidecar_json_in_shards_is_read_in_its_encoding(tmp_path):
     write_shard(tmp_path / "s.tar", [sample, {**sample, "__key__": "b"}])
     _, captions, _ = next(iter(build_loader(config(dataset="webdataset", data=tmp_path / "s.tar", epoch_length=2))))
     assert captions == ["caf\u00e9", "caf\u00e9"]
+
+
+# ---- videos -------------------------------------------------------------------------------------------------------
+def ffmpeg(*args):
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", *map(str, args)], check=True)
+
+
+def counter_clip(path: Path, n: int, fps: int = 8, size: tuple[int, int] = (32, 32)) -> Path:
+    """Frame k is grey level 10 * k (constant rate), for reading the frames back by their value."""
+    import imageio
+
+    h, w = size
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=10, macro_block_size=1,
+                            ffmpeg_params=["-pix_fmt", "yuv444p"]) as writer:
+        for k in range(n):
+            writer.append_data(np.full((h, w, 3), 10 * k, np.uint8))
+    return path
+
+
+def frame_numbers(video: np.ndarray) -> list[int]:
+    return [round(f.mean() / 10) for f in video]
+
+
+def test_a_variable_frame_rate_clip_is_read_by_time(tmp_path):
+    """Frames 0-7 last 1/8 s, frames 8-23 last 1/4 s: at 4 fps the frames are those showing at 0, 1/4, 1/2, ... s
+    (0, 2, 4, 6, 8, 9, 10, ...), not every n-th frame by index."""
+    from dataset import read_video
+
+    cfr = counter_clip(tmp_path / "cfr.mp4", 24)
+    vfr = tmp_path / "vfr.mp4"
+    ffmpeg("-i", cfr, "-vf", "setpts='if(lt(N,8),N/8,1+(N-8)/4)/TB'", "-fps_mode", "vfr", "-c:v", "libx264",
+           "-pix_fmt", "yuv444p", "-qp", "0", vfr)
+    video, fps = read_video(vfr, 8, 4, np.random.default_rng(0))
+    numbers = frame_numbers(video)
+    times = [n / 8 if n < 8 else 1 + (n - 8) / 4 for n in numbers]
+    assert fps == 4 and np.allclose(np.diff(times), 0.25), numbers
+
+
+@pytest.mark.parametrize("kind", ["odd size with audio", "one frame", "short"])
+def test_videos_of_any_size_and_length(tmp_path, kind):
+    """Odd sizes and audio tracks are read as they are; a clip shorter than --vid_size is padded with its last
+    frame (a one-frame clip is that frame repeated)."""
+    from dataset import read_video
+
+    n, size = {"odd size with audio": (16, (17, 33)), "one frame": (1, (32, 32)), "short": (3, (32, 32))}[kind]
+    path = counter_clip(tmp_path / "clip.mp4", n, size=size)
+    if kind == "odd size with audio":
+        with_audio = tmp_path / "audio.mp4"
+        ffmpeg("-i", path, "-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:v", "copy", "-c:a", "aac",
+               "-shortest", with_audio)
+        path = with_audio
+    video, fps = read_video(path, 6, 8, np.random.default_rng(1))
+    assert video.shape == (6, *size, 3) and fps == 8
+    numbers = frame_numbers(video)
+    if n < 6:
+        assert numbers == list(range(n)) + [n - 1] * (6 - n)
+    else:
+        assert numbers == list(range(numbers[0], numbers[0] + 6))

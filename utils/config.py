@@ -53,12 +53,14 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---- value types --------------------------------------------------------------------------------------------------
-def number(kind: type = float, minimum: float | None = None, above: float | None = None):
-    """An argparse type for a finite int or float, at least `minimum` or greater than `above`; a value out of range
-    is refused in one line that names the flag and the allowed range (also from a YAML file)."""
+def number(kind: type = float, minimum: float | None = None, above: float | None = None,
+           maximum: float | None = None, below: float | None = None):
+    """An argparse type for a finite int or float within bounds (minimum <= x, above < x, x <= maximum, x < below);
+    a value out of range is refused in one line that names the flag and the allowed range (also from a YAML file).
+    The bounds stay readable as attributes of the returned function (tests sweep them)."""
     noun = "an integer" if kind is int else "a finite number"
-    allowed = noun + (f" >= {minimum:g}" if minimum is not None else "") + \
-        (f" > {above:g}" if above is not None else "")
+    bounds = [(">=", minimum), (">", above), ("<=", maximum), ("<", below)]
+    allowed = " and ".join([noun] + [f"{op} {v:g}" for op, v in bounds if v is not None]).replace(" and ", " ", 1)
 
     def parse(text):
         try:
@@ -66,11 +68,13 @@ def number(kind: type = float, minimum: float | None = None, above: float | None
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
         if not math.isfinite(value) or (minimum is not None and value < minimum) or \
-                (above is not None and value <= above):
+                (above is not None and value <= above) or (maximum is not None and value > maximum) or \
+                (below is not None and value >= below):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
         return value
 
     parse.__name__ = allowed
+    parse.minimum, parse.above, parse.maximum, parse.below = minimum, above, maximum, below
     return parse
 
 
@@ -86,7 +90,22 @@ def boolean(text) -> bool:
 
 
 boolean.__name__ = "0/1 or true/false"
-POSITIVE, COUNT = number(int, minimum=1), number(int, minimum=0)
+POSITIVE, COUNT, PROBABILITY = number(int, minimum=1), number(int, minimum=0), number(minimum=0, maximum=1)
+
+
+def video_size(text) -> str:
+    """--vid_size: 'frames:fps' (e.g. 81:16) or 'frames' (the source frame rate), frames and fps >= 1."""
+    frames, colon, fps = str(text).partition(":")
+    try:
+        ok = int(frames) >= 1 and (not colon or int(fps) >= 1)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected 'frames:fps' with frames and fps >= 1 (e.g. 81:16), got {text!r}")
+    return str(text)
+
+
+video_size.__name__ = "frames:fps"
 
 
 def switch(g, name: str, default: bool, help: str):
@@ -181,6 +200,16 @@ def model_options(args: argparse.Namespace, txt_dim: int, downsample_factor: int
     return options
 
 
+def check_image_size(args: argparse.Namespace, downsample_factor: int):
+    """--img_size must be a whole number of tokens: a multiple of the VAE's downsampling times --patch_size (the model
+    cannot make other sizes exactly, and a silent change would surprise)."""
+    multiple = downsample_factor * args.patch_size
+    if args.img_size % multiple:
+        nearest = max(multiple, round(args.img_size / multiple) * multiple)
+        raise ConfigError(f"--img_size {args.img_size} is not a multiple of {multiple} (the VAE's {downsample_factor}x "
+                          f"downsampling times --patch_size {args.patch_size}); the nearest size is {nearest}")
+
+
 def check_against_checkpoint(args: argparse.Namespace, given: dict[str, str], stored: dict, checkpoint: str):
     """Raise a ConfigError if a model flag or YAML key in `given` (key -> where it was given) contradicts the model
     configuration `stored` in `checkpoint` (architecture only: gradient checkpointing is free, and so is
@@ -218,7 +247,8 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--dataset", type=str, default="shapes", help="shapes (generated), folder, or webdataset")
     g.add_argument("--logdir", type=Path, default=Path("logs"), help="where outputs go: checkpoints, samples")
     g.add_argument("--img_size", type=POSITIVE, default=32, help="image side in pixels (the area is img_size^2)")
-    g.add_argument("--vid_size", type=str, default=None, help="video: 'frames:fps', e.g. 81:16 (default: images)")
+    g.add_argument("--vid_size", type=video_size, default=None,
+                   help="video: 'frames:fps', e.g. 81:16 (default: images)")
     switch(g, "fps_cond", False, "put the frame rate into the prompt")
     switch(g, "mix_aspect", False, "aspect-ratio buckets; the ratio goes into the prompt")
     switch(g, "no_flip", False, "no random horizontal flips")
@@ -237,7 +267,7 @@ def add_data_args(p: argparse.ArgumentParser):
 
 def add_optimization_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("optimisation (train.py and finetune_decoder.py)")
-    g.add_argument("--train_seed", type=int, default=None, help="seed of the initial weights, data order and noise")
+    g.add_argument("--train_seed", type=COUNT, default=None, help="seed of the initial weights, data order and noise")
     g.add_argument("--batch_size", type=POSITIVE, default=128, help="global batch size, in samples")
     g.add_argument("--epochs", type=POSITIVE, default=1000, help="epochs to train")
     g.add_argument("--epoch_length", type=POSITIVE, default=50000, help="samples per epoch (shapes and shards)")
@@ -254,9 +284,9 @@ def add_optimization_args(p: argparse.ArgumentParser):
 def add_training_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("training (train.py)")
     g.add_argument("--acc", type=POSITIVE, default=1, help="gradient-accumulation micro-batches per step")
-    g.add_argument("--drop_label", type=number(minimum=0), default=0,
+    g.add_argument("--drop_label", type=PROBABILITY, default=0,
                    help="probability of an empty caption, for classifier-free guidance")
-    g.add_argument("--drop_image", type=number(minimum=0), default=0,
+    g.add_argument("--drop_image", type=PROBABILITY, default=0,
                    help="video: probability of dropping the first latent frame (learns to extend clips)")
     g.add_argument("--resume_path", type=str, default=None,
                    help="a checkpoint folder to continue, or weights (.pth, .safetensors) to start from; a run under "
@@ -276,7 +306,7 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--sample_freq", type=COUNT, default=1, help="sample a preview grid every N epochs (0: never)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="compute precision (auto: bf16 on GPU, fp32 on CPU); fp16 uses loss scaling")
-    g.add_argument("--ema_decay", type=number(minimum=0), default=0.9999,
+    g.add_argument("--ema_decay", type=number(minimum=0, below=1), default=0.9999,
                    help="decay of the exponential moving average of the weights, per step (0: none)")
     g.add_argument("--denoiser_lr", type=number(minimum=0), default=1e-4,
                    help="peak learning rate of the learnable self-denoiser")
@@ -298,7 +328,7 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--out_fps", type=POSITIVE, default=None,
                    help="frame rate of the videos (and of the prompt with --fps_cond); default: that of --vid_size, "
                         "else 8")
-    g.add_argument("--seed", type=int, default=191, help="the noise of caption i comes from (seed, i) alone")
+    g.add_argument("--seed", type=COUNT, default=191, help="the noise of caption i comes from (seed, i) alone")
     g.add_argument("--sample_batch_size", type=POSITIVE, default=16, help="samples per batch and process")
     g.add_argument("--cfg", type=number(minimum=0), default=5, help="guidance scale (0: no guidance)")
     switch(g, "guide_top", False, "guide the deep block only (models trained with text in every block)")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from dataset import aspect_ratio_to_image_size, parse_vid_size
 from transformer_flow import Model, ModelConfig
-from utils.config import ASPECT_RATIOS, ConfigError
+from utils.config import ASPECT_RATIOS, ConfigError, check_image_size
 from utils.decoding import calibrate, load_plans, plan_path, save_plan
 from utils.files import read_image, read_text
 from utils.inference import denoise
@@ -169,11 +169,15 @@ def sample(args):
     if parse_vid_size(args.vid_size)[0] == 1 and (args.input_image or args.target_length):
         flag = "--input_image" if args.input_image else "--target_length"
         raise ConfigError(f"{flag} needs a video model (--vid_size)")
+    if args.aspect_ratio != "1:1" and not args.mix_aspect:
+        raise ConfigError(f"--aspect_ratio {args.aspect_ratio}: this model was trained on square images only "
+                          f"(without --mix_aspect)")
     procs = init_processes(args.device)
     captions, name = read_captions(args, procs)
     model, text, vae = build(args, procs, with_vae=not args.calibrate_decoding)
     factor, temporal = (vae.downsample_factor, vae.temporal_downsample_factor) if vae else \
         vae_downsample_factors(args.vae) if args.vae else (1, 1)
+    check_image_size(args, factor)
     batches = Batches(args, model, text, factor, temporal)
     if args.calibrate_decoding:
         return calibrate_decoding(args, procs, captions, model, batches)
