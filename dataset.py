@@ -237,6 +237,8 @@ class FolderDataset:
         for index in (self.root / "captions.csv", self.root / "captions.jsonl"):
             for n, name, caption in read_caption_table(index) if index.is_file() else []:
                 path = self.root / name.strip()
+                if not path.is_file():  # a table written on Windows names sub\img.png
+                    path = self.root / name.strip().replace("\\", "/")
                 if not path.is_file():
                     raise FileNotFoundError(f"{index}:{n}: names {path}, which does not exist")
                 captions[path] = caption.strip()

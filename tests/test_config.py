@@ -272,3 +272,18 @@ def test_every_flag_refuses_a_value_out_of_its_range_in_one_line(entry, tmp_path
         assert code == 2 and len(errors) == 1 and flag in errors[0] and "Traceback" not in err, (flag, value, err)
         swept += 1
     assert swept > 20 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [(["--img_size", "30"], "--img_size 30 is not a multiple of 4"),
+                                          (["--aspect_ratio", "16:9"], "--aspect_ratio 16:9: this model was trained "
+                                                                          "on square images only")])
+def test_sizes_the_model_cannot_make_are_refused(tmp_path, flags, needle):
+    """The bundled image model (4x autoencoder, patch 1, no --mix_aspect) makes 32x32 and other multiples of 4,
+    square: anything else is one line, exit 2, nothing written, never a silently different size."""
+    import sample
+
+    code, err = cli_error(sample.main, ["--checkpoint_path", IMAGE_CKPT, "--caption", "a red circle left",
+                                        "--logdir", tmp_path / "out", *flags])
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(errors) == 1 and needle in errors[0], err
+    assert not (tmp_path / "out").exists()

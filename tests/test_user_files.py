@@ -160,13 +160,16 @@ def test_caption_index_saved_with_a_bom_and_crlf(case):
 
 
 @pytest.mark.parametrize("header,row", [("file_name,text", "a.png,a cat"), ("Image, Prompt", "a.png, a cat"),
-                                        ("path;caption", None)])
+                                        ("path;caption", "a.png;a cat"), ("File\tDescription", "a.png\ta cat"),
+                                        ("name,label", None)])
 def test_csv_headers_people_write(tmp_path, header, row):
+    """Other column names, and the ';' or tab separators of spreadsheets in other locales; an unknown header is one
+    line naming the columns found."""
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    (tmp_path / "captions.csv").write_text(f"{header}\n{row or 'a.png;a cat'}\n")
-    if row is None:  # ';'-separated: the header is one unknown column, named in the error
+    (tmp_path / "captions.csv").write_text(f"{header}\n{row or 'a.png,a cat'}\n")
+    if row is None:
         with pytest.raises(ValueError, match=r"captions.csv: the header names no file and caption columns "
-                                             r"\(found: path;caption; accepted: file/"):
+                                             r"\(found: name, label; accepted: file/"):
             FolderDataset(tmp_path)
     else:
         assert FolderDataset(tmp_path).captions == ["a cat"]
@@ -322,3 +325,10 @@ def test_videos_of_any_size_and_length(tmp_path, kind):
         assert numbers == list(range(n)) + [n - 1] * (6 - n)
     else:
         assert numbers == list(range(numbers[0], numbers[0] + 6))
+
+
+def test_a_table_written_on_windows_names_files_with_backslashes(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "a.png")
+    (tmp_path / "captions.csv").write_bytes(b"\xef\xbb\xbfFile;Caption\r\nsub\\a.png;a cat\r\n")
+    assert FolderDataset(tmp_path).captions == ["a cat"]

@@ -109,14 +109,19 @@ def _pick(names: list[str], accepted: tuple[str, ...]) -> str | None:
 
 
 def read_caption_table(path: Path) -> list[tuple[int, str, str]]:
-    """(line number, file named, caption) of every entry of a captions.csv (a header row naming the columns) or
-    captions.jsonl (one JSON object per line) file.  Accepted names, any case: FILE_NAMES for the file,
+    """(line number, file named, caption) of every entry of a captions.csv (a header row naming the columns; comma,
+    semicolon, tab or '|' separated) or captions.jsonl (one JSON object per line) file.  Accepted names, any case: FILE_NAMES for the file,
     CAPTION_NAMES for the caption (e.g. Hugging Face's `file_name,text`); blank lines are skipped.  An unknown header
     is a ValueError naming the columns found and the names accepted; a bad line names its number."""
     text = read_text(path)
     accepted = f"accepted: {'/'.join(FILE_NAMES)} and {'/'.join(CAPTION_NAMES)}"
     if path.suffix == ".csv":
-        rows = csv.reader(io.StringIO(text))
+        first = text.split("\n", 1)[0]
+        try:  # spreadsheets in many locales separate with ';' (or tabs)
+            dialect = csv.Sniffer().sniff(first, delimiters=",;\t|")
+        except csv.Error:
+            dialect = csv.excel
+        rows = csv.reader(io.StringIO(text), delimiter=dialect.delimiter)
         header = next(rows, None)
         file_col, caption_col = (_pick(header, FILE_NAMES), _pick(header, CAPTION_NAMES)) if header else (None, None)
         if file_col is None or caption_col is None:
