@@ -395,7 +395,10 @@ class Loader:
         return {"epoch": self.epoch, "batches": self.position}
 
     def load_state_dict(self, state: dict):
+        """A position at the end of an epoch (what a finished run saves) is the start of the next one."""
         self.epoch, self.position = int(state["epoch"]), int(state["batches"])
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
 
     def __iter__(self):
         epoch = self.epoch

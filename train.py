@@ -9,6 +9,7 @@ configuration, for sample.py), samples/, and metrics.jsonl with one line per opt
 """
 import dataclasses
 import json
+import signal
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -245,23 +246,70 @@ def save(args, state: TrainState, net, procs):
         print(f"checkpoint: {path}; weights for sampling: {logdir / args.export_name}")
 
 
-def train(args, state: TrainState, step_fn: Step, procs, total: int, warmup: int):
-    """The training loop from state.step to `total` steps: metrics to metrics.jsonl (and W&B), one line every
-    --log_every steps, a sample grid every --sample_freq epochs, checkpoints every --save_every epochs and
-    --save_every_steps steps, and at the end."""
-    logdir, net, loader = Path(args.logdir), step_fn.net, state.loader
-    wandb_run = None
-    if args.wandb and procs.main:
-        import wandb
-        wandb_run = wandb.init(project="starflow", name=args.wandb_name, config=vars(args), dir=str(logdir))
-    bar = tqdm(total=1 if args.dry_run else total, initial=state.step, disable=not procs.main, desc="training",
-               dynamic_ncols=True)
-    logdir.mkdir(parents=True, exist_ok=True)
-    metrics_file = (logdir / "metrics.jsonl").open("a") if procs.main and not args.dry_run else None
-    done, start_time, batch = state.step >= total, time.perf_counter(), None
-    try:  # the bar ends its line before an error is printed
+class Log:
+    """Where a run's metrics go: metrics.jsonl (rank 0; appended, so a continued run continues the file), Weights &
+    Biases (--wandb), one printed line every --log_every steps, and the progress bar."""
+
+    def __init__(self, args, procs, total: int, step: int):
+        self.args, self.main = args, procs.main
+        logdir = Path(args.logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=1 if args.dry_run else total, initial=step, disable=not procs.main, desc="training",
+                        dynamic_ncols=True)
+        self.file = (logdir / "metrics.jsonl").open("a") if procs.main and not args.dry_run else None
+        self.wandb = None
+        if args.wandb and procs.main:
+            import wandb
+            self.wandb = wandb.init(project="starflow", name=args.wandb_name, config=vars(args), dir=str(logdir))
+
+    def __call__(self, step: int, epoch: int, metrics: dict):
+        self.bar.update(1)
+        if self.file:
+            self.file.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
+            self.file.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.main and (step % self.args.log_every == 0 or step == 1):
+            self.bar.write(f"step {step} epoch {epoch} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def close(self):
+        self.bar.close()  # ends the bar's line, also before an error is printed
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Stop:
+    """Stopping early without losing anything: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before they kill
+    a job) or the --time_limit (wall-clock seconds since the start) ask the run to stop after its current step.
+    Every step the ranks agree (one all-reduce), so that they all write the same checkpoint and stop together."""
+
+    def __init__(self, time_limit: float, procs):
+        self.procs, self.limit, self.reason = procs, time_limit, None
+        self.deadline = time.monotonic() + time_limit if time_limit else None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._receive)
+
+    def _receive(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+
+    def __call__(self) -> str | None:
+        """Why the run stops now (on every rank, if any rank was asked), or None."""
+        if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason = f"--time_limit {self.limit:g} s"
+        asked = self.procs.all_min(0.0 if self.reason else 1.0) == 0.0
+        return (self.reason or "another rank") if asked else None
+
+
+def train(args, state: TrainState, step_fn: Step, procs, total: int, warmup: int) -> str | None:
+    """The training loop from state.step to `total` steps: metrics to `Log`, a sample grid every --sample_freq
+    epochs, checkpoints every --save_every epochs and --save_every_steps steps and at the end.  Returns why it
+    stopped early (a signal or the time limit, see `Stop`; a checkpoint was written), or None."""
+    net, loader = step_fn.net, state.loader
+    log, stop = Log(args, procs, total, state.step), Stop(args.time_limit, procs)
+    done, start_time = state.step >= total, time.perf_counter()
+    try:
         while not done and state.epoch < args.epochs:
-            micro = []
+            micro, batch = [], None
             for batch in loader:
                 micro.append(batch)
                 if len(micro) < args.acc:
@@ -270,31 +318,26 @@ def train(args, state: TrainState, step_fn: Step, procs, total: int, warmup: int
                 micro, state.step = [], state.step + 1
                 metrics["samples_per_s"] = args.batch_size / max(time.perf_counter() - start_time, 1e-9)
                 start_time = time.perf_counter()
-                bar.update(1)
-                if metrics_file:
-                    metrics_file.write(json.dumps({"step": state.step, "epoch": state.epoch, **metrics}) + "\n")
-                    metrics_file.flush()
-                if wandb_run:
-                    wandb_run.log(metrics, step=state.step)
-                if procs.main and (state.step % args.log_every == 0 or state.step == 1):
-                    bar.write(f"step {state.step} epoch {state.epoch} " +
-                              " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                log(state.step, state.epoch, metrics)
                 done = state.step >= total or args.dry_run
-                if args.save_every_steps and state.step % args.save_every_steps == 0 and not args.dry_run:
+                reason = None if args.dry_run else stop()
+                if reason or (args.save_every_steps and state.step % args.save_every_steps == 0 and not done):
                     save(args, state, net, procs)
+                if reason:
+                    return reason
                 if done:
                     break
             if not done:
                 state.epoch += 1
                 loader.set_epoch(state.epoch)
-            if args.dry_run or (args.sample_freq and (done or state.epoch % args.sample_freq == 0)):
+            preview = args.dry_run or (args.sample_freq and (done or state.epoch % args.sample_freq == 0))
+            if preview and batch is not None:  # a continued run may start at the end of an epoch
                 sample_grid(args, unwrap(net), step_fn.vae, step_fn.text, batch, procs, state.step)
             if not args.dry_run and (done or state.epoch % args.save_every == 0):
                 save(args, state, net, procs)
     finally:
-        bar.close()
-    if wandb_run:
-        wandb_run.finish()
+        log.close()
+    return None
 
 
 def main(argv=None):
@@ -308,8 +351,10 @@ def main(argv=None):
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     opt, opt_denoiser = optimizers_of(args, model)
     step_fn = Step(args, net, model, vae, text, (opt, opt_denoiser), ema, procs, precision)
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+             if k not in ("model_config_path", "resume_path")}
     state = TrainState(net, [o for o in (opt, opt_denoiser) if o is not None], ema, loader, step_fn.generator,
-                       procs.device, dataclasses.asdict(model.config), {k: getattr(args, k) for k in RUN_KEYS})
+                       procs.device, dataclasses.asdict(model.config), {k: getattr(args, k) for k in RUN_KEYS}, flags)
 
     steps_per_epoch = len(loader) // args.acc
     if steps_per_epoch == 0:
@@ -320,13 +365,19 @@ def main(argv=None):
         load_checkpoint(resume, state, procs)
         if procs.main:
             print(f"resuming from {resume} at step {state.step} (epoch {state.epoch})")
+            if state.changed:
+                print("note: going on with changed settings: " +
+                      ", ".join(f"{k} {then} -> {now}" for k, (then, now) in sorted(state.changed.items())))
     else:
         loader.set_epoch(0)
         if procs.main:
             print(f"starting a new run in {args.logdir} ({sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"{procs.world_size} process(es), {procs.device}, {precision})")
-    train(args, state, step_fn, procs, total, warmup)
-    if procs.main:
+    stopped = train(args, state, step_fn, procs, total, warmup)
+    if procs.main and stopped:
+        print(f"stopped by {stopped} at step {state.step}: checkpoint in {Path(args.logdir) / 'checkpoints'}; "
+              f"the same command continues the run")
+    elif procs.main:
         print(f"done at step {state.step}: outputs in {args.logdir}")
 
 

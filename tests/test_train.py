@@ -251,3 +251,87 @@ def test_half_precision_export_halves_the_file_and_loads_back(tmp_path):
     load_weights(loaded, tmp_path / "fp16.safetensors")
     for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
         assert q.dtype == torch.float32 and torch.equal(q, p.detach().half().float()), name
+
+
+# ---- runs that stop and go on (issue 16) --------------------------------------------------------------------------
+CONSTANT_LR = ["--lr", "1e-3", "--min_lr", "1e-3", "--warmup_steps", "0"]  # the same schedule for any budget
+
+
+def assert_same_steps(expected: list[dict], got: list[dict]):
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    for a, b in zip(expected, got):
+        for key in ("loss", "loss_z", "loss_logdet", "grad_norm", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [("--epochs", "1", "2"), ("--max_steps", "6", "9")])
+def test_a_finished_run_goes_on_with_a_larger_budget(tmp_path, budget):
+    """A run that ended (here exactly at an epoch's end, where its data position is the epoch's last batch) is run
+    again with more --epochs or a larger --max_steps: it goes on at the next step of the next epoch, and with a
+    schedule that does not depend on the budget its steps equal those of a run that had the larger budget."""
+    flag, before, after = budget
+    common = [*TINY, *CONSTANT_LR, "--sample_freq", "1"]  # the end-of-epoch preview is where it used to crash
+    common += ["--epochs", "5"] if flag == "--max_steps" else []
+    finished, whole = tmp_path / "finished", tmp_path / "whole"
+    out = run("train.py", *common, "--logdir", str(finished), flag, before)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = run("train.py", *common, "--logdir", str(finished), flag, after)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "at step 6 (epoch 1)" in out.stdout and f"done at step {9 if flag == '--max_steps' else 12}" in out.stdout
+    out = run("train.py", *common, "--logdir", str(whole), flag, after)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert_same_steps(metrics(whole), metrics(finished))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGUSR1", "--time_limit"])
+def test_preemption_checkpoints_and_the_next_launch_goes_on_exactly(tmp_path, how):
+    """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before killing a job) and --time_limit: the run finishes its
+    step, writes a checkpoint, says where in one line and exits 0; the same command then continues, and every step
+    equals the uninterrupted run's (1e-6)."""
+    import signal
+    import time
+
+    argv = [sys.executable, "train.py", *TINY, "--max_steps", "10", "--save_every", "1000"]
+    stopped = tmp_path / "stopped"
+    extra = ["--time_limit", "0.001"] if how == "--time_limit" else []
+    process = subprocess.Popen([*argv, "--logdir", str(stopped), *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        if how != "--time_limit":
+            deadline = time.monotonic() + 300
+            while not ((stopped / "metrics.jsonl").is_file() and len(metrics(stopped)) >= 2):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+                time.sleep(0.05)
+            process.send_signal(getattr(signal, how))
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    lines = [line for line in stdout.splitlines() if line.startswith("stopped by")]
+    assert process.returncode == 0 and len(lines) == 1 and how in lines[0], (stdout, stderr[-2000:])
+    step = len(metrics(stopped))
+    assert step < 10 and (stopped / "checkpoints" / f"step-{step:08d}").is_dir()
+    out = run("train.py", *TINY, "--max_steps", "10", "--save_every", "1000", "--logdir", str(stopped))
+    assert out.returncode == 0 and f"resuming from {stopped / 'checkpoints'}" in out.stdout, out.stderr[-2000:]
+    whole = tmp_path / "whole"
+    out = run("train.py", *TINY, "--max_steps", "10", "--save_every", "1000", "--logdir", str(whole))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert_same_steps(metrics(whole), metrics(stopped))
+
+
+@pytest.mark.slow
+def test_going_on_with_another_architecture_is_refused_and_changed_settings_are_noted(tmp_path):
+    """Config drift: a run continued with a different model is one line listing what differs (and the checkpoint is
+    untouched); settings a user changes on purpose (learning rate, budget) are noted in one line."""
+    out = run("train.py", *TINY, "--max_steps", "2", "--logdir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    out = run("train.py", *TINY, "--max_steps", "3", "--channels", "64", "--head_dim", "32", "--logdir", str(tmp_path))
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
+    assert "another architecture (channels 32 -> 64; top_block_channels 32 -> 64)" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    out = run("train.py", *TINY, "--max_steps", "3", "--lr", "5e-4", "--logdir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "note: going on with changed settings: lr 0.001 -> 0.0005, max_steps 2 -> 3" in out.stdout

@@ -303,6 +303,9 @@ def add_training_args(p: argparse.ArgumentParser):
     g.add_argument("--save_every", type=POSITIVE, default=20, help="checkpoint every N epochs")
     g.add_argument("--save_every_steps", type=COUNT, default=0, help="also checkpoint every N steps (0: never)")
     g.add_argument("--keep_checkpoints", type=COUNT, default=3, help="newest checkpoints kept (0: all)")
+    g.add_argument("--time_limit", type=number(minimum=0), default=0,
+                   help="wall-clock seconds after which the run checkpoints and stops, to be continued by the same "
+                        "command (0: none); SIGTERM and SIGUSR1 do the same")
     g.add_argument("--sample_freq", type=COUNT, default=1, help="sample a preview grid every N epochs (0: never)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="compute precision (auto: bf16 on GPU, fp32 on CPU); fp16 uses loss scaling")

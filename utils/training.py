@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from transformer_flow import AttentionBlock, MetaBlock, Model, NonCausalBlock
+from utils.config import TRAINING_ONLY_FIELDS
 
 
 # ---- processes ----------------------------------------------------------------------------------------------------
@@ -173,15 +174,18 @@ class TrainState:
     `state_dict()` is the distributed part, which DCP saves sharded: model, optimizers and EMA, named as in the bare
     model whatever wraps it, so that checkpoints move between single-process, DDP and FSDP runs.
     `local_state_dict()` is this rank's part: step, epoch, data position and every random state, with the model
-    configuration and input flags (utils.config.RUN_KEYS) that sampling from a checkpoint folder reads.
+    configuration and input flags (utils.config.RUN_KEYS) that sampling from a checkpoint folder reads, and every
+    flag of the run (`flags`), to tell what changed when the run goes on.
     """
 
     def __init__(self, model, optimizers: list, ema: "EMA | None", loader, generator: torch.Generator,
-                 device: torch.device, config: dict | None = None, run: dict | None = None):
+                 device: torch.device, config: dict | None = None, run: dict | None = None,
+                 flags: dict | None = None):
         self.model, self.optimizers, self.ema, self.loader = model, optimizers, ema, loader
         self.generator, self.device = generator, device
-        self.config, self.run = config or {}, run or {}
+        self.config, self.run, self.flags = config or {}, run or {}, flags or {}
         self.step = self.epoch = 0
+        self.changed: dict[str, tuple] = {}  # flags that differ from the loaded checkpoint's: name -> (then, now)
 
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -201,7 +205,7 @@ class TrainState:
     def local_state_dict(self) -> dict:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"step": self.step, "epoch": self.epoch, "loader": self.loader.state_dict(), "config": self.config,
-                "run": self.run, "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                "run": self.run, "flags": self.flags, "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                                          "cuda": cuda}}
 
     def load_local_state_dict(self, local: dict):
@@ -211,6 +215,9 @@ class TrainState:
         if local["rng"].get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(local["rng"]["cuda"], self.device)
         self.loader.load_state_dict(local["loader"])
+        self.epoch = self.loader.epoch  # a finished epoch's end is the next one's start
+        then = local.get("flags", {})
+        self.changed = {k: (then[k], v) for k, v in self.flags.items() if k in then and then[k] != v}
 
 
 def save_checkpoint(folder: Path, state: TrainState, procs: Processes, keep: int = 3) -> Path:
@@ -262,14 +269,25 @@ def load_checkpoint(path: Path, state: TrainState, procs: Processes):
         raise CheckpointError(f"--resume_path {path}: not a checkpoint folder (expected step-<N> with .metadata)")
     if not local_file.is_file():
         raise CheckpointError(f"{path}: written by a run with another number of processes (no {local_file.name})")
+    unreadable = lambda err: CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: "
+                                             f"{str(err).splitlines()[0]})")
     try:
         dcp.FileSystemReader(str(path)).read_metadata()
         local = torch.load(local_file, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign files: the path is what the user needs
+        raise unreadable(err) from None
+    then = local.get("config") or {}
+    drift = [f"{k} {then[k]} -> {v}" for k, v in state.config.items()
+             if k in then and then[k] != v and k not in TRAINING_ONLY_FIELDS]
+    if drift:
+        raise CheckpointError(f"{path} was written by a model of another architecture ({'; '.join(drift)}): go on "
+                              f"with the flags it was written with, or start a new run in another --logdir")
+    try:
         distributed = state.state_dict()
         with quiet_dcp():
             dcp.load(distributed, checkpoint_id=str(path))
-    except Exception as err:  # truncated or foreign files: the path is what the user needs
-        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    except Exception as err:
+        raise unreadable(err) from None
     state.load_state_dict(distributed)
     state.load_local_state_dict(local)
 
