@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,125 @@ def test_going_on_with_another_architecture_is_refused_and_changed_settings_are_
     out = run("train.py", *TINY, "--max_steps", "3", "--lr", "5e-4", "--logdir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "note: going on with changed settings: lr 0.001 -> 0.0005, max_steps 2 -> 3" in out.stdout
+
+
+def test_a_full_disk_or_a_cut_off_save_never_costs_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that fails (no space left) is one CheckpointError and removes its partial folder; a folder left by a
+    save that was killed (step-N.tmp) or cut short (no .metadata) is never taken for the newest checkpoint."""
+    from dataset import build_loader
+    from utils.training import (
+        CheckpointError,
+        Processes,
+        TrainState,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    step, model, opt, _ = build_step(tmp_path / "run")
+    loader = build_loader(step.args, 0, 1, 2, 0)
+    state = TrainState(model, [opt], None, loader, step.generator, torch.device("cpu"), {}, {})
+    folder, procs = tmp_path / "checkpoints", Processes()
+    state.step = 1
+    first = save_checkpoint(folder, state, procs)
+    state.step = 2
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"step-00000002: the checkpoint could not be written \(OSError: "
+                                              r"\[Errno 28\] No space left on device\); the previous checkpoints"):
+        save_checkpoint(folder, state, procs)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000001"] and latest_checkpoint(folder) == first
+
+    shutil.copytree(first, folder / "step-00000003.tmp")  # killed before its rename
+    shutil.copytree(first, folder / "step-00000004")
+    (folder / "step-00000004" / ".metadata").unlink()  # cut short after it
+    assert latest_checkpoint(folder) == first
+    state.step = 0
+    load_checkpoint(latest_checkpoint(folder), state, procs)
+    assert state.step == 1
+
+
+def workers_of(logdir: Path) -> list[int]:
+    """PIDs of the train.py processes torchrun started for this logdir (not torchrun itself)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            words = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(logdir).encode() in words and b"train.py" in words and b"torch.distributed.run" not in words:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_group_from_the_newest_checkpoint(tmp_path):
+    """torchrun --max-restarts 1: a rank killed with SIGKILL mid-run makes torchrun restart both ranks, which go on
+    from the newest complete checkpoint; the run ends with the weights of a run that was never killed."""
+    import signal
+    import time
+
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1"]
+    argv = [*TINY, "--batch_size", "4", "--max_steps", "8", "--save_every_steps", "2", "--keep_checkpoints", "0"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    process = subprocess.Popen([sys.executable, *torchrun, "train.py", *argv, "--logdir", str(killed)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not ((killed / "metrics.jsonl").is_file() and len(metrics(killed)) >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+            time.sleep(0.05)
+        os.kill(max(workers_of(killed)), signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=400)
+    finally:
+        process.kill()
+        for pid in workers_of(killed):
+            os.kill(pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.count("starting a new run") == 1 and "resuming from" in stdout, stdout
+    out = run(*torchrun, "train.py", *argv, "--logdir", str(whole))
+    assert out.returncode == 0, out.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(killed / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_checkpoint_and_go_on(tmp_path):
+    """Two torchrun agents (two "nodes" on this machine, one process each, c10d rendezvous) train with FSDP2, write
+    one checkpoint between them, and go on from it."""
+    def launch(max_steps: str) -> list[str]:
+        endpoint = f"127.0.0.1:{free_port()}"
+        argv = [*TINY, "--batch_size", "4", "--fsdp", "1", "--max_steps", max_steps, "--logdir", str(tmp_path)]
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                                   "1", "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                   endpoint, "--rdzv-id", f"run-{max_steps}", "train.py", *argv], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+        try:
+            outputs = [node.communicate(timeout=400) for node in nodes]
+        finally:
+            for node in nodes:
+                node.kill()
+        assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+        return [out for out, _ in outputs]
+
+    launch("2")
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "step-00000002").glob("extra-rank*")) == [
+        "extra-rank00000.pt", "extra-rank00001.pt"]
+    stdout = "".join(launch("4"))
+    assert "at step 2" in stdout and [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]

@@ -59,8 +59,14 @@ def init_processes(device: str | None = None) -> Processes:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if attempt:  # a group torchrun restarted: its store still holds the dead group's addresses, under the same keys
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank,
+                                    world_size=world, device_id=device_id)
+        else:
+            dist.init_process_group(backend, device_id=device_id)
     return Processes(rank, local_rank, world, device)
 
 
@@ -160,10 +166,16 @@ def checkpoint_step(path: Path) -> int | None:
     return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
+def complete(path: Path) -> bool:
+    """Whether a checkpoint folder holds what loading needs: DCP's .metadata and rank 0's own state."""
+    return (path / ".metadata").is_file() and (path / "extra-rank00000.pt").is_file()
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in a folder (`step-<N>`, not `.tmp`)."""
-    found = [p for p in folder.glob("step-*") if p.is_dir() and checkpoint_step(p) is not None] if folder.is_dir() \
-        else []
+    """The newest complete checkpoint in a folder: `step-<N>` (never a `.tmp` left by an interrupted save), with its
+    files (a folder emptied or cut short some other way is passed over)."""
+    found = [p for p in folder.glob("step-*") if p.is_dir() and checkpoint_step(p) is not None and complete(p)] \
+        if folder.is_dir() else []
     return max(found, key=checkpoint_step) if found else None
 
 
@@ -221,9 +233,13 @@ class TrainState:
 
 
 def save_checkpoint(folder: Path, state: TrainState, procs: Processes, keep: int = 3) -> Path:
-    """Write step-<state.step> atomically: the distributed part by DCP, this rank's part as extra-rank<N>.pt.
-    Older checkpoints beyond the newest `keep` (0: keep all) and leftovers of interrupted saves are removed."""
+    """Write step-<state.step> atomically: the distributed part by DCP, this rank's part as extra-rank<N>.pt, into
+    step-<N>.tmp, renamed once every rank has written.  Older checkpoints beyond the newest `keep` (0: keep all)
+    and leftovers of interrupted saves are removed, only after the new one is complete.  A write that fails on any
+    rank (a full disk) removes the partial folder and raises one CheckpointError on every rank; the previous
+    checkpoints stay."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     final, tmp = folder / f"step-{state.step:08d}", folder / f"step-{state.step:08d}.tmp"
     if procs.main:
@@ -231,16 +247,30 @@ def save_checkpoint(folder: Path, state: TrainState, procs: Processes, keep: int
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     procs.barrier()
-    with quiet_dcp():
-        dcp.save(state.state_dict(), checkpoint_id=str(tmp))
-    torch.save(state.local_state_dict(), tmp / f"extra-rank{procs.rank:05d}.pt")
-    procs.barrier()
+    failure = None
+    try:
+        with quiet_dcp():
+            dcp.save(state.state_dict(), checkpoint_id=str(tmp))
+        torch.save(state.local_state_dict(), tmp / f"extra-rank{procs.rank:05d}.pt")
+    except CheckpointException as err:  # DCP gathers each rank's error: report the first one itself
+        failure = next((exc for exc, _ in err.failures.values()), err)
+    except (OSError, RuntimeError) as err:
+        failure = err
+    if procs.all_min(0.0 if failure else 1.0) == 0.0:  # agreed, so that no rank waits for a failed one
+        if procs.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:300]}" if failure else "on another rank"
+        raise CheckpointError(f"{final}: the checkpoint could not be written ({reason}); the previous checkpoints "
+                              f"in {folder} are kept")
     if procs.main:
-        shutil.rmtree(final, ignore_errors=True)
+        old = final.with_name(final.name + ".old")  # a checkpoint of the same step is replaced, never lost first
+        if final.exists():
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         done = sorted((p for p in folder.glob("step-*") if checkpoint_step(p) is not None), key=checkpoint_step)
-        for old in done[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
+        for stale in done[:-keep] if keep else []:
+            shutil.rmtree(stale, ignore_errors=True)
     procs.barrier()
     return final
 
@@ -310,9 +340,13 @@ def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, 
     if procs.main:
         meta = {"config": json.dumps(dataclasses.asdict(unwrap(model).config)), "run": json.dumps(run or {})}
         tmp = path.with_name(path.name + ".tmp")
-        if path.suffix == ".pth":
-            torch.save(full, tmp)
-        else:
-            save_file(full, str(tmp), metadata=meta)
+        try:
+            if path.suffix == ".pth":
+                torch.save(full, tmp)
+            else:
+                save_file(full, str(tmp), metadata=meta)
+        except (OSError, RuntimeError) as err:  # a full disk: the previous file stays
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{path}: the weights could not be written ({type(err).__name__}: {err})") from None
         os.replace(tmp, path)
     procs.barrier()
