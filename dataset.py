@@ -181,6 +181,11 @@ def read_video(source: str | Path, frames: int, fps: int | None, rng: np.random.
     return np.stack(out), rate
 
 
+def _reason(err: BaseException) -> str:
+    """An exception as one short line: ffmpeg's errors carry its whole report on further lines."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+
+
 def decode(source, video: bool, frames: int, fps: int | None, rng: np.random.Generator, where) -> tuple:
     """(uint8 pixels, fps) of an image (fps 0; as a viewer shows it, see utils.files.read_image) or of `frames`
     video frames at `fps` (see read_video); an unreadable file is a ValueError naming `where`."""
@@ -188,8 +193,8 @@ def decode(source, video: bool, frames: int, fps: int | None, rng: np.random.Gen
         return read_image(source, where), 0
     try:
         return read_video(source, frames, fps, rng)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{where}: not a readable video ({err})") from None
+    except Exception as err:  # whatever ffmpeg or its metadata make of a broken file: one line naming it
+        raise ValueError(f"{where}: not a readable video ({_reason(err)})") from None
 
 
 def _header_size(path: Path, video: bool) -> tuple[int, int]:
@@ -199,8 +204,8 @@ def _header_size(path: Path, video: bool) -> tuple[int, int]:
     try:
         with imageio.get_reader(path, "ffmpeg") as reader:
             return tuple(reader.get_meta_data()["size"])
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable video ({err})") from None
+    except Exception as err:  # as in decode: one line naming the file
+        raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
 
 
 class FolderDataset:

@@ -332,3 +332,27 @@ def test_a_table_written_on_windows_names_files_with_backslashes(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "a.png")
     (tmp_path / "captions.csv").write_bytes(b"\xef\xbb\xbfFile;Caption\r\nsub\\a.png;a cat\r\n")
     assert FolderDataset(tmp_path).captions == ["a cat"]
+
+
+def test_a_video_length_the_vae_cannot_make_is_refused():
+    """--target_length with a 4x temporal VAE: 1 + 4k frames, or one line naming the nearest lengths."""
+    from utils.config import ConfigError
+    from utils.sampling import Batches
+
+    args = argparse.Namespace(vid_size="9:8", target_length=10, context_length=None, out_fps=None,
+                              target_noise_std=None, noise_std=0.3, cfg=0)
+    with pytest.raises(ConfigError, match=r"--target_length 10: the VAE makes 1 \+ 4k frames .* nearest are 9 and 13"):
+        Batches(args, None, None, 8, 4)
+    model = argparse.Namespace(blocks=[argparse.Namespace(local_attn_window=None)])
+    args.target_length = 13
+    assert Batches(args, model, None, 8, 4).latent_frames == 4
+
+
+def test_a_broken_video_is_one_line_naming_it(tmp_path):
+    from dataset import decode
+
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"broken.mp4: not a readable video") as err:
+        decode(path, True, 4, 8, np.random.default_rng(0), path)
+    assert "\n" not in str(err.value)

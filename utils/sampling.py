@@ -99,6 +99,11 @@ class Batches:
         frames, fps = parse_vid_size(args.vid_size)
         self.context = None
         if args.target_length:  # longer than trained: a sliding window of the trained length (in latent frames)
+            if (args.target_length - 1) % temporal:
+                nearest = (args.target_length - 1) // temporal * temporal + 1
+                raise ConfigError(f"--target_length {args.target_length}: the VAE makes 1 + {temporal}k frames (its "
+                                  f"{temporal}x temporal downsampling); the nearest are {nearest} and "
+                                  f"{nearest + temporal}")
             window = (frames - 1) // temporal + 1
             if args.context_length is not None and args.context_length >= window:
                 raise ConfigError(f"--context_length must be below the trained length of {window} latent frames, "
