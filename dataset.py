@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from utils.config import ASPECT_RATIOS
+from utils.config import ASPECT_RATIOS, one_line
 from utils.files import IMAGE_EXTS, decode_text, image_size, read_caption_table, read_image, read_text
 
 VIDEO_EXTS = (".mp4",)
@@ -181,11 +181,6 @@ def read_video(source: str | Path, frames: int, fps: int | None, rng: np.random.
     return np.stack(out), rate
 
 
-def _reason(err: BaseException) -> str:
-    """An exception as one short line: ffmpeg's errors carry its whole report on further lines."""
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
-
-
 def decode(source, video: bool, frames: int, fps: int | None, rng: np.random.Generator, where) -> tuple:
     """(uint8 pixels, fps) of an image (fps 0; as a viewer shows it, see utils.files.read_image) or of `frames`
     video frames at `fps` (see read_video); an unreadable file is a ValueError naming `where`."""
@@ -194,7 +189,7 @@ def decode(source, video: bool, frames: int, fps: int | None, rng: np.random.Gen
     try:
         return read_video(source, frames, fps, rng)
     except Exception as err:  # whatever ffmpeg or its metadata make of a broken file: one line naming it
-        raise ValueError(f"{where}: not a readable video ({_reason(err)})") from None
+        raise ValueError(f"{where}: not a readable video ({one_line(err)})") from None
 
 
 def _header_size(path: Path, video: bool) -> tuple[int, int]:
@@ -205,7 +200,7 @@ def _header_size(path: Path, video: bool) -> tuple[int, int]:
         with imageio.get_reader(path, "ffmpeg") as reader:
             return tuple(reader.get_meta_data()["size"])
     except Exception as err:  # as in decode: one line naming the file
-        raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
+        raise ValueError(f"{path}: not a readable video ({one_line(err)})") from None
 
 
 class FolderDataset:
@@ -475,7 +470,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         except ValueError as err:  # a sample: names its shard and key
             yield Unreadable(str(err))
         except (OSError, tarfile.TarError) as err:  # a shard that is not a readable tar file
-            yield Unreadable(f"shards {', '.join(shards)}: not readable as tar files ({type(err).__name__}: {err})")
+            yield Unreadable(f"shards {', '.join(shards)}: not readable as tar files ({one_line(err)})")
 
     def _batches(self, shards: list[str], worker: int):
         import webdataset as wds  # imported here: it takes a second, and only this source needs it

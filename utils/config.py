@@ -42,6 +42,12 @@ class ConfigError(ValueError):
     """A bad configuration file, key or value: reported as one line."""
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as one short line for an error message: its type and the first line of its text (ffmpeg, DCP and
+    others put whole reports on the lines after)."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (`error: ...`) and exit with status 2; --help shows defaults."""
 

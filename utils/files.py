@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
+from utils.config import one_line
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".avif", ".tif", ".tiff", ".bmp", ".gif")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, the background of the shapes data
 _SRGB = ImageCms.createProfile("sRGB")
@@ -33,7 +35,7 @@ def read_image(source, where: str | Path | None = None) -> np.ndarray:
         with Image.open(source) as img:
             return np.asarray(displayed(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{where or source}: not a readable image ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{where or source}: not a readable image ({one_line(err)})") from None
 
 
 def displayed(img: Image.Image) -> Image.Image:
@@ -65,7 +67,7 @@ def image_size(path: Path) -> tuple[int, int]:
             w, h = img.size
             return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{path}: not a readable image ({one_line(err)})") from None
 
 
 # ---- text ---------------------------------------------------------------------------------------------------------

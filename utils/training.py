@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from transformer_flow import AttentionBlock, MetaBlock, Model, NonCausalBlock
-from utils.config import TRAINING_ONLY_FIELDS
+from utils.config import TRAINING_ONLY_FIELDS, one_line
 
 
 # ---- processes ----------------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def save_checkpoint(folder: Path, state: TrainState, procs: Processes, keep: int
     if procs.all_min(0.0 if failure else 1.0) == 0.0:  # agreed, so that no rank waits for a failed one
         if procs.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:300]}" if failure else "on another rank"
+        reason = one_line(failure) if failure else "on another rank"
         raise CheckpointError(f"{final}: the checkpoint could not be written ({reason}); the previous checkpoints "
                               f"in {folder} are kept")
     if procs.main:
@@ -299,8 +299,7 @@ def load_checkpoint(path: Path, state: TrainState, procs: Processes):
         raise CheckpointError(f"--resume_path {path}: not a checkpoint folder (expected step-<N> with .metadata)")
     if not local_file.is_file():
         raise CheckpointError(f"{path}: written by a run with another number of processes (no {local_file.name})")
-    unreadable = lambda err: CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: "
-                                             f"{str(err).splitlines()[0]})")
+    unreadable = lambda err: CheckpointError(f"{path}: cannot be loaded ({one_line(err)})")
     try:
         dcp.FileSystemReader(str(path)).read_metadata()
         local = torch.load(local_file, map_location="cpu", weights_only=False)
@@ -347,6 +346,6 @@ def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, 
                 save_file(full, str(tmp), metadata=meta)
         except (OSError, RuntimeError) as err:  # a full disk: the previous file stays
             tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{path}: the weights could not be written ({type(err).__name__}: {err})") from None
+            raise CheckpointError(f"{path}: the weights could not be written ({one_line(err)})") from None
         os.replace(tmp, path)
     procs.barrier()
