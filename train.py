@@ -41,6 +41,7 @@ from utils.text import TextEncoder
 from utils.training import (
     EMA,
     TrainState,
+    check_replicate,
     export_weights,
     init_processes,
     latest_checkpoint,
@@ -125,7 +126,8 @@ class Step:
                 group["lr"] = learning_rate(step, args.denoiser_lr, 1e-6, warmup, total)
         parts = [self.micro_step(b, i == len(batches) - 1) for i, b in enumerate(batches)]
         shared = [k for k in parts[0] if all(k in p for p in parts)]  # a non-finite part stops before the denoiser
-        metrics = {k: sum(float(p[k]) for p in parts) / len(parts) for k in shared}
+        # The global batch's mean (each rank holds an equal share), whatever the number of processes.
+        metrics = self.procs.all_mean({k: sum(float(p[k]) for p in parts) / len(parts) for k in shared})
         finite = metrics.pop("finite") == 1.0  # a non-finite loss on any rank skips the step on all
         optimizers = [o for o in (self.opt, self.opt_denoiser) if o is not None]
         if finite and self.scaler.is_enabled():
@@ -196,7 +198,7 @@ def build(args, procs):
     """(text encoder, VAE, model, data loader) of a run configuration; the model's input channels must be the VAE's."""
     text = TextEncoder.from_args(args, procs.device)
     if text is not None and args.fsdp and args.fsdp_text_encoder and procs.world_size > 1:
-        text.encoder = shard_frozen(text.encoder, procs)
+        text.encoder = shard_frozen(text.encoder, procs, args.fsdp_replicate)
     vae = setup_vae(args.vae, args.finetuned_vae, procs.device) if args.vae else None
     channels = vae.latent_channels if vae is not None else 3
     if args.channel_size != channels:
@@ -343,11 +345,12 @@ def train(args, state: TrainState, step_fn: Step, procs, total: int, warmup: int
 def main(argv=None):
     args = parse_config(build_parser(*GROUPS, description=__doc__), argv)
     procs = init_processes(args.device)
+    check_replicate(procs, args.fsdp, args.fsdp_replicate)
     precision = args.precision if args.precision != "auto" else ("bf16" if procs.device.type == "cuda" else "fp32")
     torch.manual_seed(args.train_seed or 0)  # the same initial weights on every rank
     text, vae, model, loader = build(args, procs)
     resume = resume_source(args, model, procs)
-    net = parallelize(model, procs, bool(args.fsdp), bf16=precision == "bf16")
+    net = parallelize(model, procs, bool(args.fsdp), precision == "bf16", args.fsdp_replicate)
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     opt, opt_denoiser = optimizers_of(args, model)
     step_fn = Step(args, net, model, vae, text, (opt, opt_denoiser), ema, procs, precision)

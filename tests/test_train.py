@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_error
+from conftest import cli_error, concurrently
 
 import train
 from utils.config import build_parser, parse_config
@@ -185,6 +185,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
         (["--model_config_path", str(unknown)], "colours"),
         (["--dataset", "folder", "--data", str(empty)], str(empty)),
         (["--dataset", "folder", "--data", str(lonely)], "a.png"),
+        (["--fsdp", "1", "--fsdp_replicate", "2"], "--fsdp_replicate 2 needs --fsdp 1 and several processes"),
     ]
     for extra, name in cases:  # in-process: `python train.py` stops the same way, less the imports
         code, stderr = cli_error(train.main, [*TINY, "--logdir", str(tmp_path / "run"), "--max_steps", "1", *extra])
@@ -458,3 +459,35 @@ def test_two_nodes_train_checkpoint_and_go_on(tmp_path):
         "extra-rank00000.pt", "extra-rank00001.pt"]
     stdout = "".join(launch("4"))
     assert "at step 2" in stdout and [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_hsdp_trains_on_a_2x2_mesh_and_its_checkpoint_goes_on_with_2_and_4_processes(tmp_path):
+    """--fsdp_replicate 2 with 4 processes: FSDP2 on a (replicate 2, shard 2) mesh.  Its step-2 checkpoint goes on
+    under plain FSDP with 4 processes and with 2 (DCP reshards the weights and optimizer state); without noise
+    augmentation or caption dropout the global batches and the math are the same, so the losses and the final
+    weights equal the uninterrupted HSDP run's."""
+    argv = [*TINY, "--noise_std", "0", "--drop_label", "0", "--batch_size", "8", "--fsdp", "1", "--max_steps", "4",
+            "--save_every_steps", "2", "--keep_checkpoints", "0"]
+    launch = lambda n, *extra: run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                                   "train.py", *argv, *extra, timeout=400)
+    hsdp = launch(4, "--fsdp_replicate", "2", "--logdir", str(tmp_path / "hsdp"))
+    assert hsdp.returncode == 0, hsdp.stderr[-3000:]
+    checkpoint = tmp_path / "hsdp" / "checkpoints" / "step-00000002"
+    for name in ("fsdp4", "fsdp2"):
+        shutil.copytree(checkpoint, tmp_path / name / "checkpoints" / checkpoint.name)
+    fsdp4, fsdp2 = concurrently(lambda: launch(4, "--logdir", str(tmp_path / "fsdp4")),
+                                lambda: launch(2, "--logdir", str(tmp_path / "fsdp2")))
+    for out, n in ((fsdp4, 4), (fsdp2, 2)):
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "at step 2" in out.stdout
+        assert ("written by 4 process(es), going on with 2" in out.stdout) == (n == 2)
+    from safetensors.torch import load_file
+
+    expected, weights = metrics(tmp_path / "hsdp")[2:], load_file(tmp_path / "hsdp" / "model.safetensors")
+    for name in ("fsdp4", "fsdp2"):
+        got = metrics(tmp_path / name)
+        assert [m["step"] for m in got] == [3, 4]
+        assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(expected, got)), (expected, got)
+        resumed = load_file(tmp_path / name / "model.safetensors")
+        assert all(torch.allclose(resumed[k], weights[k], atol=1e-5) for k in weights)

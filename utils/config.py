@@ -299,6 +299,9 @@ def add_training_args(p: argparse.ArgumentParser):
                         "way in --logdir continues by itself")
     switch(g, "fsdp", False, "shard the model with FSDP2 across the processes (else DDP)")
     switch(g, "fsdp_text_encoder", False, "with --fsdp, shard the frozen text encoder too")
+    g.add_argument("--fsdp_replicate", type=POSITIVE, default=1,
+                   help="HSDP with --fsdp: N replicas of the sharded model (usually one per node), each sharded over "
+                        "world size / N consecutive ranks; N must divide the processes (1: shard over all)")
     g.add_argument("--latent_norm_regularization", type=number(minimum=0), default=0,
                    help="weight of the mean square of the blocks' intermediate latents in the loss")
     switch(g, "loss_scaling", True, "dynamic loss scaling with --precision fp16")

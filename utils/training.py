@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from transformer_flow import AttentionBlock, MetaBlock, Model, NonCausalBlock
-from utils.config import TRAINING_ONLY_FIELDS, one_line
+from utils.config import TRAINING_ONLY_FIELDS, ConfigError, one_line
 
 
 # ---- processes ----------------------------------------------------------------------------------------------------
@@ -48,6 +48,14 @@ class Processes:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t.item()
 
+    def all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean of each number over all processes (one all-reduce)."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world_size).tolist()))
+
 
 def init_processes(device: str | None = None) -> Processes:
     """Join torchrun's process group if launched by torchrun (gloo on CPU, NCCL on CUDA), else run alone."""
@@ -71,15 +79,39 @@ def init_processes(device: str | None = None) -> Processes:
 
 
 # ---- parallelism --------------------------------------------------------------------------------------------------
-def parallelize(model: Model, procs: Processes, fsdp: bool, bf16: bool) -> torch.nn.Module:
+def device_mesh(procs: Processes, replicate: int = 1):
+    """The device mesh FSDP2 shards over: 1-D over all processes, or with `replicate` > 1 the 2-D (replicate, shard)
+    mesh of HSDP: the model is sharded within each group of world_size / replicate consecutive ranks (a node, with
+    torchrun's rank order) and replicated across the groups, so that the all-gathers stay inside a node and only
+    the gradient all-reduce crosses nodes (torch.distributed.fsdp.fully_shard with a 2-D mesh; torchtitan's
+    data_parallel_replicate_degree).  Raises ConfigError when `replicate` does not divide the processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    check_replicate(procs, True, replicate)
+    if replicate == 1:
+        return init_device_mesh(procs.device.type, (procs.world_size,))
+    return init_device_mesh(procs.device.type, (replicate, procs.world_size // replicate),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def check_replicate(procs: Processes, fsdp: bool, replicate: int):
+    """ConfigError unless `replicate` HSDP groups can be made: FSDP, several processes, a divisor of their number."""
+    if replicate > 1 and not (fsdp and procs.world_size > 1):
+        raise ConfigError(f"--fsdp_replicate {replicate} needs --fsdp 1 and several processes")
+    if procs.world_size % replicate:
+        raise ConfigError(f"--fsdp_replicate {replicate} does not divide the {procs.world_size} processes")
+
+
+def parallelize(model: Model, procs: Processes, fsdp: bool, bf16: bool, replicate: int = 1) -> torch.nn.Module:
     """With several processes, shard the model with FSDP2 (each transformer layer, then each flow block and the
-    denoiser, then the root), or wrap it in DDP without FSDP; one process trains the bare model.  bf16 parameters
-    in compute with fp32 master weights and gradient reduction when `bf16`.  Returns what the training step calls (the model itself under FSDP)."""
+    denoiser, then the root) over `device_mesh(procs, replicate)` (HSDP when `replicate` > 1), or wrap it in DDP
+    without FSDP; one process trains the bare model.  bf16 parameters in compute with fp32 master weights and
+    gradient reduction when `bf16`.  Returns what the training step calls (the model itself under FSDP)."""
+    check_replicate(procs, fsdp, replicate)
     if fsdp and procs.world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        mesh = init_device_mesh(procs.device.type, (procs.world_size,))
+        mesh = device_mesh(procs, replicate)
         # Inputs stay as they are: the rotary tables must not be rounded to bf16 (autocast handles the matmuls).
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                   cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
@@ -97,12 +129,12 @@ def parallelize(model: Model, procs: Processes, fsdp: bool, bf16: bool) -> torch
     return model
 
 
-def shard_frozen(module: torch.nn.Module, procs: Processes) -> torch.nn.Module:
-    """Shard a frozen module (the text encoder) with FSDP2: each entry of its layer lists, then the whole."""
-    from torch.distributed.device_mesh import init_device_mesh
+def shard_frozen(module: torch.nn.Module, procs: Processes, replicate: int = 1) -> torch.nn.Module:
+    """Shard a frozen module (the text encoder) with FSDP2 like the model: each entry of its layer lists, then the
+    whole."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(procs.device.type, (procs.world_size,))
+    mesh = device_mesh(procs, replicate)
     for layers in [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]:
         for layer in layers:
             fully_shard(layer, mesh=mesh)
@@ -294,11 +326,14 @@ def load_checkpoint(path: Path, state: TrainState, procs: Processes):
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    local_file = path / f"extra-rank{procs.rank:05d}.pt"
     if not path.is_dir() or not (path / ".metadata").is_file():
         raise CheckpointError(f"--resume_path {path}: not a checkpoint folder (expected step-<N> with .metadata)")
+    written = len(list(path.glob("extra-rank*.pt")))  # the processes that wrote it
+    # A rank the checkpoint has no file for (more processes now) takes rank 0's step, epoch and data position (all
+    # ranks share them: batches are counted globally) and random streams of its own, below.
+    local_file = path / f"extra-rank{procs.rank if procs.rank < written else 0:05d}.pt"
     if not local_file.is_file():
-        raise CheckpointError(f"{path}: written by a run with another number of processes (no {local_file.name})")
+        raise CheckpointError(f"{path}: incomplete (no {local_file.name})")
     unreadable = lambda err: CheckpointError(f"{path}: cannot be loaded ({one_line(err)})")
     try:
         dcp.FileSystemReader(str(path)).read_metadata()
@@ -319,6 +354,12 @@ def load_checkpoint(path: Path, state: TrainState, procs: Processes):
         raise unreadable(err) from None
     state.load_state_dict(distributed)
     state.load_local_state_dict(local)
+    if procs.rank >= written:
+        state.generator.manual_seed(int(torch.randint(2**62, (1,), generator=state.generator, device=state.generator.device)) + procs.rank)
+    if written != procs.world_size and procs.main:
+        print(f"note: {path} was written by {written} process(es), going on with {procs.world_size} (weights and "
+              f"optimizer state resharded; the data goes on from the same global batch; each rank's noise stream "
+              f"{'is new beyond rank ' + str(written - 1) if procs.world_size > written else 'is kept'})")
 
 
 def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, run: dict | None = None,
