@@ -18,18 +18,9 @@ every block.  Each sample depends on its seed, caption and settings only, not on
 """
 from pathlib import Path
 
-from utils.config import (
-    ConfigError,
-    add_data_args,
-    add_device_args,
-    add_model_args,
-    add_sampling_args,
-    build_parser,
-    parse_config,
-    run_cli,
-)
+from utils.config import SAMPLING_GROUPS, ConfigError, build_parser, parse_config, run_cli
 
-GROUPS = (add_model_args, add_data_args, add_sampling_args, add_device_args)
+GROUPS = SAMPLING_GROUPS
 
 
 def main(argv=None):

@@ -37,6 +37,7 @@ from utils.config import (
 from utils.hub import local_path
 from utils.media import save_image, save_video
 from utils.model_setup import load_weights, setup_transformer
+from utils.pipeline import STARFlowPipeline
 from utils.text import TextEncoder
 from utils.training import (
     EMA,
@@ -173,24 +174,24 @@ def _grad_norm(params, clip: float) -> float:
 
 @torch.no_grad()
 def sample_grid(args, model, vae, text, batch, procs, step: int):
-    """Generate from the captions of a training batch (any batch size) and save a grid to <logdir>/samples."""
-    x, captions, meta = batch
+    """Samples of the pipeline (self-denoised, as sample.py makes them) for the first captions (up to 8) of a
+    training batch, with the batch's aspect ratio and fps, --seed and sample indices 0..n-1, saved as a grid to
+    <logdir>/samples with the captions and seed beside it.  Every rank takes part (FSDP); rank 0 writes."""
+    _, captions, meta = batch
     n = min(len(captions), 8)
+    pipe = STARFlowPipeline(model, text, vae, args, procs.device)
+    pipe.set_progress_bar_config(disable=True)
     model.eval()
-    shape = (vae.encode(x[:1].to(procs.device)) if vae is not None else x[:1]).shape[1:]
-    noise = torch.randn(n, *shape, device=procs.device)
-    cfg = args.cfg if text is not None else 0.0
-    y = None if text is None else text(captions[:n], procs.device, aspect_ratio=meta["aspect_ratio"],
-                                       fps=meta["fps"][:n], noise_std=args.noise_std, unconditional=cfg > 0)
-    latents = model.reverse(noise, y, guidance=cfg,
-                            context_length=args.local_attn_window and args.local_attn_window - 1)
-    pixels = vae.decode(latents) if vae is not None else latents
-    model.train()
+    try:
+        out = pipe(captions[:n], aspect_ratio=meta["aspect_ratio"] if args.mix_aspect else None,
+                   fps=int(meta["fps"][0]) or None, seed=args.seed)
+    finally:
+        model.train()
     if procs.main:
-        out = Path(args.logdir) / "samples" / f"step-{step:08d}"
-        path = save_video(pixels, out.with_suffix(".mp4"), int(meta["fps"][0]) or 8) if pixels.dim() == 5 \
-            else save_image(pixels, out.with_suffix(".png"))
-        (out.parent / f"{out.name}.txt").write_text("\n".join(captions[:n]) + "\n")
+        stem = Path(args.logdir) / "samples" / f"step-{step:08d}"
+        path = save_video(out.as_uint8(), stem.with_suffix(".mp4"), out.fps) if out.frames is not None \
+            else save_image(out.as_uint8(), stem.with_suffix(".png"))
+        (stem.parent / f"{stem.name}.txt").write_text(f"seed {args.seed}\n" + "\n".join(captions[:n]) + "\n")
         print(f"samples: {path}")
 
 

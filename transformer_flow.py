@@ -442,23 +442,24 @@ class MetaBlock(Transformer):
 
     @torch.no_grad()
     def reverse(self, z, y, rope, guidance=0.0, cache=None, decoding: "BlockDecoding | None" = None,
-                context_length=None, attn_temp=1.0, verbose=False):
+                context_length=None, attn_temp=1.0, verbose=False, progress=None):
         """Invert the block: z (B, [T], H, W, C) -> x, by exact sequential decoding (the default) or by the Jacobi
-        iteration that `decoding` describes (see `_decode`)."""
+        iteration that `decoding` describes (see `_decode`).  `progress(tokens, total)` is called whenever every
+        sample's committed tokens advance."""
         dtype, shape = z.dtype, z.shape
         noise = self.to_seq(z.float())
         if guidance > 0:
             noise = torch.cat([noise, noise])
         x = self._decode(noise, y if self.txt_dim else None, rope, guidance, cache if cache is not None else KVCache(),
                          frame=noise.size(1) // (shape[1] if z.dim() == 5 else 1), decoding=decoding or SEQUENTIAL,
-                         context_length=context_length, temp=attn_temp, verbose=verbose)
+                         context_length=context_length, temp=attn_temp, verbose=verbose, progress=progress)
         if guidance > 0:
             x = x[: x.size(0) // 2]
             if cache is not None:
                 cache.keep_first_half()
         return self.from_seq(x, shape).to(dtype)
 
-    def _decode(self, noise, y, rope, guidance, cache, frame, decoding, context_length, temp, verbose):
+    def _decode(self, noise, y, rope, guidance, cache, frame, decoding, context_length, temp, verbose, progress=None):
         """Solve x from noise (B, N, C) in sequence order.
 
         xs[j] is the network input of slot j and xs[j + 1] the token slot j predicts (xs[0] is the SOS embedding;
@@ -535,7 +536,10 @@ class MetaBlock(Transformer):
                     xs.scatter_(1, index + 1, torch.where(rows(valid).to(xs.device)[..., None], new, old))
                 before = int(start.min())
                 start += keep
-                bar.update(int(start.min()) - before)
+                if int(start.min()) > before:
+                    bar.update(int(start.min()) - before)
+                    if progress is not None:
+                        progress(min(int(start.min()), n_slots), n_slots)
             if target >= n_slots:
                 break
             context = context_length * frame
@@ -726,12 +730,15 @@ class Model(nn.Module):
     @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, guide_top=None, return_sequence=False, verbose=False,
                 kv_caches=None, decoding: "BlockDecoding | Sequence[BlockDecoding] | None" = None, jacobi=None,
-                jacobi_block_size=None, jacobi_max_iter=None, jacobi_th=None, context_length=None, attn_temp=1.0):
+                jacobi_block_size=None, jacobi_max_iter=None, jacobi_th=None, context_length=None, attn_temp=1.0,
+                callback=None):
         """Generate latents from noise z (the shape of x).  y is text (B, Ly, D), or [cond; uncond] rows when
         guidance > 0.  How each block is inverted comes from `decoding_plan` (the calibrated plan by default;
         `jacobi=False` is exact sequential decoding).  A sample depends only on its own noise and text, never on
         its batch companions.  `kv_caches` from `prefill` continue a given first frame.  The shallow blocks are
-        unguided when cond_top_only or guide_top is set."""
+        unguided when cond_top_only or guide_top is set.  `callback(info)` is called each time the committed tokens
+        of a block advance (a Jacobi window or a sequential token settled in every sample), with info = {"block": i,
+        "blocks_done": blocks finished before this one, "blocks": n, "tokens": committed, "total": tokens}."""
         self._check_inputs(z, y, guidance)
         if self.config.local_attn_window and not context_length:
             raise ValueError("decoding with local_attn_window needs context_length")
@@ -740,8 +747,11 @@ class Model(nn.Module):
         seq, n = [z], len(self.blocks)
         for i in reversed(range(n)):
             y_i, guidance_i = self.block_guidance(i, y, guidance, guide_top)
+            progress = None if callback is None else \
+                lambda tokens, total, i=i: callback(dict(block=i, blocks_done=n - 1 - i, blocks=n, tokens=tokens,
+                                                         total=total))
             seq.append(self.reverse_block(i, seq[-1], y_i, guidance_i, plan[i], caches[n - 1 - i], context_length,
-                                          attn_temp, verbose))
+                                          attn_temp, verbose, progress))
         return seq if return_sequence else seq[-1]
 
     def block_guidance(self, i, y, guidance, guide_top=None):
@@ -753,14 +763,14 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def reverse_block(self, i, x, y, guidance, decoding=None, cache=None, context_length=None, attn_temp=1.0,
-                      verbose=False):
+                      verbose=False, progress=None):
         """Invert block i alone: its output latents x (B, [T], C, H, W) -> its input latents, with the text and
         guidance it decodes with (`block_guidance`) and a BlockDecoding (sequential by default)."""
         block, h = self.blocks[i], self.patchify(x)
         local, h_i = (False, h) if i == len(self.blocks) - 1 else self._local(block, h)
         cache = KVCache() if local or cache is None else cache
         rope = self.rope_tables(h_i.shape, self._text_len(block, y), x.device)
-        out = block.reverse(h_i, y, rope, guidance, cache, decoding, context_length, attn_temp, verbose)
+        out = block.reverse(h_i, y, rope, guidance, cache, decoding, context_length, attn_temp, verbose, progress)
         return self.unpatchify(out.view_as(h))
 
     def decoding_plan(self, decoding=None, jacobi=None, jacobi_block_size=None, jacobi_th=None,

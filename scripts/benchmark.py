@@ -190,23 +190,18 @@ def config_benchmark(args, device):
 def checkpoint_benchmark(args, device):
     """Sampling of a trained checkpoint: ours (default and exact decoding) beside the official code (Jacobi and
     sequential) on the same weights, noise and text; caption accuracy for shapes checkpoints."""
-    import sample
-    from dataset import parse_vid_size
-    from scripts.eval_shapes import evaluate, make_captions, parse_caption, report
-    from utils import sampling
-    from utils.config import ConfigError, build_parser, parse_config
-    from utils.decoding import plan_path
-    from utils.media import to_uint8
-    from utils.model_setup import stored_metadata
-    from utils.training import init_processes
+    import numpy as np
 
-    flags = ["--checkpoint_path", str(args.checkpoint), "--device", device.type]
-    flags += ["--model_config_path", str(args.config)] if args.config else []
-    parser = build_parser(*sample.GROUPS)
+    from scripts.eval_shapes import evaluate, make_captions, parse_caption, report
+    from utils.config import ConfigError
+    from utils.decoding import plan_path
+    from utils.pipeline import STARFlowPipeline
+
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
-    sargs = parse_config(parser, flags, stored_metadata(args.checkpoint), str(args.checkpoint))
-    video = parse_vid_size(sargs.vid_size)[0] > 1
+    pipe = STARFlowPipeline.from_pretrained(args.checkpoint, args.config, device)
+    pipe.set_progress_bar_config(disable=True)
+    model, video = pipe.model, pipe.trained_frames > 1
     if args.captions is not None:
         if not args.captions.is_file():
             raise FileNotFoundError(f"--captions {args.captions}: no such file")
@@ -215,13 +210,11 @@ def checkpoint_benchmark(args, device):
             raise ConfigError(f"--captions {args.captions}: the file holds no captions")
     else:
         captions = make_captions(4, video, seed=0)
-    procs = init_processes(device.type)
-    model, text, vae = sampling.build(sargs, procs, with_vae=True)
-    factor, temporal = (vae.downsample_factor, vae.temporal_downsample_factor) if vae else (1, 1)
-    batches = sampling.Batches(sargs, model, text, factor, temporal)
     timed = captions[:args.batch]
-    z, y, _, _, _ = batches(timed, list(range(len(timed))), device)
-    w = batches.guidance
+    (h, w_), ratio = pipe.image_size()
+    w, fps, noise_std = pipe.resolve()
+    z = pipe.prepare_latents(len(timed), h, w_, pipe.trained_frames, pipe.args.seed)
+    y = pipe.encode_prompt(timed, None, w, ratio, fps, noise_std)
     plan = f"calibrated plan {plan_path(args.checkpoint)}" if model.decoding else "default plan"
     runs = {f"ours default ({plan})": lambda: model.reverse(z, y, guidance=w),
             "ours sequential (exact inverse)": lambda: model.reverse(z, y, guidance=w, jacobi=False)}
@@ -253,13 +246,12 @@ def checkpoint_benchmark(args, device):
         return  # not shapes captions: no accuracy to measure
     accuracy = {}
     for name, decoding in (("default", {}), ("exact", {"jacobi": False})):
-        pixels = []
-        for i in range(0, len(captions), sargs.sample_batch_size):
-            idx = list(range(i, min(i + sargs.sample_batch_size, len(captions))))
-            noise, y_all, y_cond, _, _ = batches(captions, idx, device)
-            with torch.no_grad():
-                latents = model.reverse(noise, y_all, guidance=w, **decoding)
-            pixels += list(to_uint8(sampling.to_pixels(sargs, model, vae, latents, y_cond, batches.noise_std)))
+        pixels, batch = [], pipe.args.sample_batch_size
+        for i in range(0, len(captions), batch):
+            idx = list(range(i, min(i + batch, len(captions))))
+            out = pipe([captions[j] for j in idx], seed=pipe.args.seed, indices=idx, **decoding)
+            pixels += [np.stack([np.asarray(f) for f in v]) for v in out.frames] if video else \
+                [np.asarray(im) for im in out.images]
         accuracy[name] = evaluate(captions, pixels)
         print(f"caption accuracy, {name} decoding\n{report(accuracy[name])}")
     gap = 100 * (accuracy["default"]["accuracy"]["all"] - accuracy["exact"]["accuracy"]["all"])

@@ -44,3 +44,4 @@ echo
 echo "demo outputs (captions in reading order, left to right, top to bottom):"
 echo "  images:  $out/starflow_shapes_t2i_32x32/image_captions-00000.png   ($out/image_captions.txt)"
 echo "  video:   $out/starflow-v_shapes_t2v_32x32/video_captions-00000.mp4   ($out/video_captions.txt)"
+echo "in a browser: .venv/bin/python -m scripts.web_demo   (then open http://127.0.0.1:7860)"

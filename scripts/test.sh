@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# Set up .venv (if missing) and run the whole test suite: bash scripts/test.sh [pytest args]
+# Set up .venv (if missing) and run the test suite: bash scripts/test.sh [pytest args]
+# With no test path among the arguments, all of tests/ (e.g. -m "not slow": the fast tier); with paths, those only
+# (bash scripts/test.sh tests/test_config.py, tests/test_flow.py::test_x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-python -m pytest -q tests "$@"
+paths=(tests)
+for arg in "$@"; do
+    if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then
+        paths=()
+        break
+    fi
+done
+python -m pytest -q "${paths[@]}" "$@"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import concurrently
 
 from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, parse_vid_size, shape_caption
 from scripts.eval_shapes import evaluate, make_captions, read_sample
@@ -134,10 +135,10 @@ def test_a_sample_does_not_depend_on_its_batch_or_process(tmp_path):
     captions = str(ROOT / "tests" / "data" / "jacobi-batch-five.txt")
     launches = {"batch5": ([], "5"), "batch1": ([], "1"),
                 "torchrun2": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "5")}
-    for label, (launch, batch) in launches.items():
-        out = run(sys.executable, *launch, str(ROOT / "sample.py"), "--checkpoint_path", ckpt, "--caption", captions,
-                  "--save_folder", "1", "--save_latents", "1", "--sample_batch_size", batch, "--logdir",
-                  str(tmp_path / label))
+    launch = lambda label, argv, batch: lambda: run(
+        sys.executable, *argv, str(ROOT / "sample.py"), "--checkpoint_path", ckpt, "--caption", captions,
+        "--save_folder", "1", "--save_latents", "1", "--sample_batch_size", batch, "--logdir", str(tmp_path / label))
+    for out in concurrently(*(launch(label, argv, batch) for label, (argv, batch) in launches.items())):
         assert out.returncode == 0, out.stderr[-3000:]
     folder = lambda label: tmp_path / label / "starflow_shapes_t2i_32x32" / "jacobi-batch-five"
     for i in range(5):

@@ -59,7 +59,7 @@ def test_the_sixteen_bit_gradient_reaches_the_training_batch_as_a_gradient():
 
 def test_input_image_reads_sixteen_bits_like_the_training_data():
     """sample.py --input_image png16bit/circle16.png: the same first frame as circle8.png (it was blank white)."""
-    from utils.sampling import load_first_frame
+    from utils.pipeline import load_first_frame
 
     first = load_first_frame(str(CASES / "png16bit/circle16.png"), (32, 32))
     assert (first == load_first_frame(str(CASES / "png16bit/circle8.png"), (32, 32))).all() and first.min() < 0
@@ -336,16 +336,18 @@ def test_a_table_written_on_windows_names_files_with_backslashes(tmp_path):
 
 def test_a_video_length_the_vae_cannot_make_is_refused():
     """--target_length with a 4x temporal VAE: 1 + 4k frames, or one line naming the nearest lengths."""
+    from transformer_flow import Model
     from utils.config import ConfigError
-    from utils.sampling import Batches
+    from utils.pipeline import STARFlowPipeline
 
-    args = argparse.Namespace(vid_size="9:8", target_length=10, context_length=None, out_fps=None,
-                              target_noise_std=None, noise_std=0.3, cfg=0)
+    model = Model(in_channels=4, img_size=16, patch_size=1, channels=32, layers_per_block=[1, 1], num_blocks=2,
+                  head_dim=16)
+    args = argparse.Namespace(vid_size="9:8", vae="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    pipe = STARFlowPipeline(model, None, None, args, "cpu")
     with pytest.raises(ConfigError, match=r"--target_length 10: the VAE makes 1 \+ 4k frames .* nearest are 9 and 13"):
-        Batches(args, None, None, 8, 4)
-    model = argparse.Namespace(blocks=[argparse.Namespace(local_attn_window=None)])
-    args.target_length = 13
-    assert Batches(args, model, None, 8, 4).latent_frames == 4
+        pipe.video_length(10)
+    assert pipe.video_length(13) == (13, 2)  # a window of the trained 3 latent frames keeps 2
+    assert pipe.prepare_latents(2, 16, 16, 13, seed=0).shape == (2, 4, 4, 2, 2)
 
 
 def test_a_broken_video_is_one_line_naming_it(tmp_path):

@@ -411,6 +411,7 @@ def add_inspect_args(p: argparse.ArgumentParser):
     switch(g, "components", False, "also load the text encoder and the VAE")
 
 
+SAMPLING_GROUPS = (add_model_args, add_data_args, add_sampling_args, add_device_args)  # sample.py, the pipeline
 GROUPS = (add_model_args, add_data_args, add_optimization_args, add_training_args, add_sampling_args,
           add_device_args, add_finetune_args, add_inspect_args)
 

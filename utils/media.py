@@ -8,7 +8,9 @@ from PIL import Image
 
 
 def to_uint8(x) -> np.ndarray:
-    """A tensor (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+    """A tensor (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8; a uint8 array (..., H, W, 3) as it is."""
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8:
+        return x
     import torch  # here, so that the grid tools start without it
 
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -42,7 +44,7 @@ def _atomic(path: Path, write):
 
 
 def save_image(x, path, columns: int | None = None) -> Path:
-    """One image (3, H, W), or a grid of a batch (B, 3, H, W), as PNG."""
+    """One image (3, H, W), or a grid of a batch (B, 3, H, W), in [-1, 1] (or uint8 (..., H, W, 3)) as PNG."""
     pixels = to_uint8(x)
     if pixels.ndim == 4:
         pixels = tile(pixels, columns or grid_columns(len(pixels)))
@@ -50,7 +52,8 @@ def save_image(x, path, columns: int | None = None) -> Path:
 
 
 def save_video(x, path, fps: int, columns: int | None = None) -> Path:
-    """One video (T, 3, H, W), or a grid of a batch (B, T, 3, H, W), as H.264 MP4."""
+    """One video (T, 3, H, W), or a grid of a batch (B, T, 3, H, W), in [-1, 1] (or uint8 (..., T, H, W, 3)) as
+    H.264 MP4."""
     import imageio.v2 as imageio
 
     frames = to_uint8(x)

@@ -74,12 +74,12 @@ class TextEncoder:
         return cls(tokenizer, encoder, txt_size, **wording)
 
     @classmethod
-    def from_args(cls, args, device="cpu") -> "TextEncoder | None":
+    def from_args(cls, args, device="cpu", dtype=torch.float32) -> "TextEncoder | None":
         """The text encoder of a run configuration (--text, --txt_size and the wording flags), or None without
         --text."""
         if not args.text:
             return None
-        return cls.from_pretrained(args.text, args.txt_size, device, fps_cond=args.fps_cond,
+        return cls.from_pretrained(args.text, args.txt_size, device, dtype, fps_cond=args.fps_cond,
                                    mix_aspect=args.mix_aspect, cond_noise_level=args.cond_noise_level)
 
     @property
@@ -89,14 +89,18 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: list[str], device=None, *, aspect_ratio: str | None = None, fps=None,
-                 noise_std=None, unconditional: bool = False) -> torch.Tensor:
+                 noise_std=None, unconditional: "bool | list[str]" = False) -> torch.Tensor:
         """Captions -> (B, txt_size, width).  fps and noise_std are one value or one per caption; each of the three
         reaches the prompt only if the run's flag for it is on.  With `unconditional`, B = 2 x len(captions): the
-        captions' rows, then as many empty-caption rows worded alike (classifier-free guidance)."""
+        captions' rows, then the unconditional rows of classifier-free guidance worded alike: empty captions, or
+        the given negative captions (one per caption)."""
         captions = list(captions)
         if unconditional:
+            negative = [""] * len(captions) if unconditional is True else list(unconditional)
+            if len(negative) != len(captions):
+                raise ValueError(f"{len(negative)} negative captions for {len(captions)} captions")
             twice = lambda v: v.repeat(2) if torch.is_tensor(v) else list(v) * 2 if isinstance(v, (list, tuple)) else v
-            captions, fps, noise_std = captions + [""] * len(captions), twice(fps), twice(noise_std)
+            captions, fps, noise_std = captions + negative, twice(fps), twice(noise_std)
         texts = preprocess_text(captions, aspect_ratio if self.mix_aspect else None, fps if self.fps_cond else None,
                                 noise_std if self.cond_noise_level else None)
         _warn_if_cut(self.tokenizer, texts, self.txt_size)

@@ -1,0 +1,128 @@
+"""The pipeline (utils.pipeline) on the bundled trained models: it gives sample.py's samples bit for bit (images,
+videos, with and without guidance, image-to-video), a sample does not depend on the rest of its call, weights load
+once, training previews are its output, and settings the model cannot make are one line."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sample
+import train
+from scripts.eval_shapes import read_sample
+from utils.config import ConfigError
+from utils.media import grid_columns, save_video, tile, to_uint8
+from utils.pipeline import STARFlowPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors"
+VIDEO = ROOT / "ckpts" / "starflow-v_shapes_t2v_32x32.safetensors"
+FIRST_FRAME = ROOT / "tests" / "data" / "cases" / "png16bit" / "circle8.png"
+CAPTIONS = {"image": ["a large red circle center", "a small blue square top", "a large green triangle left"],
+            "video": ["a blue square moving right", "a red circle moving down"]}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {"image": STARFlowPipeline.from_pretrained(IMAGE, device="cpu"),
+            "video": STARFlowPipeline.from_pretrained(VIDEO, device="cpu")}
+
+
+@pytest.mark.parametrize("kind, flags, options", [
+    ("image", [], {}),
+    ("image", ["--cfg", "0"], {"guidance_scale": 0}),
+    ("video", [], {}),
+    ("video", ["--input_image", str(FIRST_FRAME)], {"image": FIRST_FRAME}),
+], ids=["image", "image-unguided", "video", "image-to-video"])
+def test_pipeline_gives_sample_py_samples_bit_for_bit(tmp_path, pipes, kind, flags, options):
+    checkpoint, captions = (IMAGE, CAPTIONS[kind]) if kind == "image" else (VIDEO, CAPTIONS[kind])
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    sample.main([str(a) for a in ["--checkpoint_path", checkpoint, "--caption", tmp_path / "captions.txt", "--seed",
+                                  "7", "--save_folder", "1", "--save_latents", "1", "--logdir", tmp_path, *flags]])
+    folder = tmp_path / checkpoint.stem / "captions"
+    out = pipes[kind](captions, seed=7, **options)
+    for i in range(len(captions)):
+        assert torch.equal(load_file(folder / f"{i:05d}.safetensors")["latents"], out.latents[i].cpu()), i
+        if kind == "image":
+            assert (read_sample(folder / f"{i:05d}.png") == np.asarray(out.images[i])).all(), i
+        else:  # the same frames through the same encoder give the same file's frames
+            ours = save_video(out.as_uint8()[i], tmp_path / f"pipe-{i}.mp4", out.fps)
+            assert (read_sample(folder / f"{i:05d}.mp4") == read_sample(ours)).all(), i
+
+
+def test_a_sample_does_not_depend_on_the_rest_of_its_call(pipes):
+    """Sample j draws its noise from (seed, j): what else the call holds (other prompts, their number) changes
+    nothing; `indices` places a sample at another index; an empty negative prompt is the default unconditional row,
+    another one changes the sample."""
+    pipe = pipes["image"]
+    pixels = lambda out: out.as_uint8()
+    both = pixels(pipe(["a large red circle center", "a small blue square top"], seed=3))
+    assert (pixels(pipe(["a large red circle center", "a large green triangle left", "a small red circle right"],
+                        seed=3))[0] == both[0]).all()
+    assert (pixels(pipe("a small blue square top", seed=3, indices=[1]))[0] == both[1]).all()
+    assert (pixels(pipe(["a large red circle center"], negative_prompt="", seed=3))[0] == both[0]).all()
+    assert not (pixels(pipe(["a large red circle center"], negative_prompt="a red circle", seed=3))[0]
+                == both[0]).all()
+    repeated = pixels(pipe("a large red circle center", num_images_per_prompt=2, seed=3))
+    assert (repeated[0] == both[0]).all() and not (repeated[1] == both[0]).all()
+
+
+def test_output_types_memory_options_and_one_load(pipes, monkeypatch):
+    """np and pt are the pil pixels in [0, 1]; latent is what the VAE decodes; CPU offload and VAE slicing change
+    nothing; calling twice loads nothing again."""
+    import utils.pipeline
+    from utils.model_setup import load_weights
+
+    loads = []
+    monkeypatch.setattr(utils.pipeline, "load_weights", lambda *a: loads.append(a) or load_weights(*a))
+    pipe = STARFlowPipeline.from_pretrained(IMAGE, device="cpu")
+    pil = pipe(CAPTIONS["image"], seed=1).as_uint8()
+    as_np = pipe(CAPTIONS["image"], seed=1, output_type="np").images
+    as_pt = pipe(CAPTIONS["image"], seed=1, output_type="pt").images
+    latent = pipe(CAPTIONS["image"], seed=1, output_type="latent").images
+    assert as_np.shape == (3, 32, 32, 3) and as_np.min() >= 0 and as_np.max() <= 1
+    assert np.abs(np.round(as_np * 255) - pil).max() <= 1
+    assert torch.equal(as_pt.movedim(1, -1), torch.from_numpy(as_np))
+    assert latent.shape == (3, 4, 8, 8) and (to_uint8(pipe.decode(latent)) == pil).all()
+    pipe.enable_model_cpu_offload()
+    pipe.enable_vae_slicing()
+    assert (pipe(CAPTIONS["image"], seed=1).as_uint8() == pil).all()
+    assert len(loads) == 1
+
+
+def test_settings_the_model_cannot_make_are_one_line(pipes):
+    image, video = pipes["image"], pipes["video"]
+    cases = [
+        (lambda: image("a red circle", aspect_ratio="16:9"), "trained on square images only"),
+        (lambda: image("a red circle", height=32, width=48), "this model makes 32x32"),
+        (lambda: image("a red circle", image=FIRST_FRAME), "needs a video model"),
+        (lambda: image("a red circle", output_type="jpg"), "one of pil, np, pt, latent"),
+        (lambda: image(["a", "b"], negative_prompt=["x", "y", "z"]), "3 negative prompts for 2 prompts"),
+        (lambda: video("a blue square moving right", num_frames=8, context_length=4),
+         "--context_length must be below the trained length of 4 latent frames"),
+        (lambda: STARFlowPipeline.from_pretrained(IMAGE, colour="red"), "unknown option(s): colour"),
+        (lambda: STARFlowPipeline.from_pretrained(IMAGE, channels=64), "channels"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(FileNotFoundError, match="no-such.safetensors"):
+        STARFlowPipeline.from_pretrained("no-such.safetensors")
+
+
+def test_training_preview_is_the_pipelines_output(tmp_path):
+    """train.py's preview grid (captions and seed beside it) equals the pipeline's self-denoised samples of the
+    exported weights (no EMA, so that the preview's weights are the exported ones)."""
+    from test_train import TINY
+
+    train.main([*TINY, "--logdir", str(tmp_path), "--max_steps", "1", "--sample_freq", "1", "--ema_decay", "0",
+                "--seed", "5", "--cfg", "2"])
+    preview = next((tmp_path / "samples").glob("step-*.png"))
+    seed_line, *captions = preview.with_suffix(".txt").read_text().splitlines()
+    assert seed_line == "seed 5" and captions
+    pipe = STARFlowPipeline.from_pretrained(tmp_path / "model.safetensors", device="cpu")
+    samples = pipe(captions, seed=5).as_uint8()
+    assert pipe.resolve()[0] == 2  # the run's guidance scale, stored with the weights
+    assert (read_sample(preview) == tile(samples, grid_columns(len(samples)))).all()
