@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
-from scripts.eval_shapes import read_sample
+from scripts.eval_shapes import measure_image, read_sample
 from utils.config import ConfigError
 from utils.media import grid_columns, save_video, tile, to_uint8
 from utils.pipeline import STARFlowPipeline
@@ -70,7 +70,7 @@ def test_a_sample_does_not_depend_on_the_rest_of_its_call(pipes):
 
 def test_output_types_memory_options_and_one_load(pipes, monkeypatch):
     """np and pt are the pil pixels in [0, 1]; latent is what the VAE decodes; CPU offload and VAE slicing change
-    nothing; calling twice loads nothing again."""
+    nothing; calling twice loads nothing again; bf16 draws what fp32 draws."""
     import utils.pipeline
     from utils.model_setup import load_weights
 
@@ -89,6 +89,9 @@ def test_output_types_memory_options_and_one_load(pipes, monkeypatch):
     pipe.enable_vae_slicing()
     assert (pipe(CAPTIONS["image"], seed=1).as_uint8() == pil).all()
     assert len(loads) == 1
+    half = STARFlowPipeline.from_pretrained(IMAGE, device="cpu", dtype=torch.bfloat16)  # autocast, bf16 encoders
+    attributes = lambda images: [(m["color"], m["shape"], m["position"]) for m in map(measure_image, images)]
+    assert attributes(half(CAPTIONS["image"], seed=1).as_uint8()) == attributes(pil)
 
 
 def test_settings_the_model_cannot_make_are_one_line(pipes):
