@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from utils.config import ASPECT_RATIOS, one_line
 from utils.files import IMAGE_EXTS, decode_text, image_size, read_caption_table, read_image, read_text
+from utils.phrasing import phrase
 
 VIDEO_EXTS = (".mp4",)
 
@@ -119,14 +120,19 @@ def shape_caption(color: str, shape: str, size: str, position: str | None = None
 
 
 class ShapesDataset:
-    """`size` captioned shapes images (or videos when frames > 1); sample i is a pure function of (seed, i).
+    """`size` captioned shapes images (or videos when frames > 1); sample i's picture is a pure function of
+    (seed, i).  Its caption is the strict grammar, or with phrasing "train" a wording of the same attributes drawn
+    from the training phrasings (utils.phrasing) with the sample's random stream, (seed, epoch, i): each epoch words
+    it anew, and a resumed run draws the same wordings.
 
     A horizontal flip would swap "left" and "right" in the captions, so these samples are never flipped.
     """
     flippable = False
 
-    def __init__(self, size: int, img_size: int = 32, frames: int = 1, fps: int = 8, seed: int = 0):
+    def __init__(self, size: int, img_size: int = 32, frames: int = 1, fps: int = 8, seed: int = 0,
+                 phrasing: str = "grammar"):
         self.size, self.img_size, self.frames, self.fps, self.seed = size, img_size, frames, fps, seed
+        self.phrasing = phrasing  # utils.phrasing.phrase: "grammar", or "train" for a wording drawn per epoch
 
     def __len__(self) -> int:
         return self.size
@@ -148,7 +154,8 @@ class ShapesDataset:
     def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str, int]:
         attrs = self.attributes(index)
         pixels = render_shape(**attrs, img_size=self.img_size, frames=self.frames)
-        return pixels, shape_caption(**attrs), self.fps if self.frames > 1 else 0
+        caption = shape_caption(**attrs) if self.phrasing == "grammar" else phrase(attrs, rng, self.phrasing)
+        return pixels, caption, self.fps if self.frames > 1 else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -536,7 +543,7 @@ def build_loader(args, rank: int = 0, world_size: int = 1, multiple: int = 8, nu
         return Loader(steps, stream_batches)
 
     if args.dataset == "shapes":
-        source = ShapesDataset(args.epoch_length, args.img_size, frames, fps or 8)
+        source = ShapesDataset(args.epoch_length, args.img_size, frames, fps or 8, phrasing=args.shapes_phrasing)
     elif args.dataset == "folder":
         source = FolderDataset(args.data, frames, fps)
     else:

@@ -13,18 +13,18 @@ source scripts/setup_env.sh
 mkdir -p "$out"
 
 cat > "$out/image_captions.txt" <<'EOF'
-a large red circle center
-a small blue square left
-a large green triangle top
-a small yellow circle right
-a large purple square bottom
-a small orange triangle center
-a large blue circle left
-a small red square top
-a large yellow triangle right
-a small green circle bottom
-a large orange square center
-a small purple triangle left
+a big red circle in the middle
+a small blue square on the left
+there is a large green triangle at the top
+a little yellow ball on the right
+a big purple box near the bottom
+a small orange triangle in the center
+a large blue dot to the left
+top: a small red square
+a big golden wedge on the right-hand side
+a little green circle at the bottom
+an orange block in the middle, large
+a small purple triangle on the left
 EOF
 cat > "$out/video_captions.txt" <<'EOF'
 a red circle moving right

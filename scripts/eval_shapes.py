@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset import _SIZE_PX, COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES
+from utils import phrasing
 
 IMAGE_ATTRS = ("color", "shape", "size", "position")
 VIDEO_ATTRS = ("color", "shape", "direction")
@@ -28,20 +29,9 @@ CENTER_RADIUS = 2.5  # in 32-px units: centred shapes sit within 2 px of the mid
 
 
 def parse_caption(text: str) -> dict:
-    """'a small red circle left' -> {color, shape, size, position}; 'a red circle moving up' -> {color, shape,
-    direction}. Raises ValueError for a caption outside the shapes grammar."""
-    words = text.split()
-    if len(words) == 5 and words[0] == "a" and words[3] == "moving":
-        attrs = dict(color=words[1], shape=words[2], direction=words[4])
-    elif len(words) == 5 and words[0] == "a":
-        attrs = dict(size=words[1], color=words[2], shape=words[3], position=words[4])
-    else:
-        raise ValueError(f"{text!r} is not 'a SIZE COLOR SHAPE POSITION' or 'a COLOR SHAPE moving DIRECTION'")
-    choices = dict(color=tuple(COLORS), shape=SHAPES, size=SIZES, position=POSITIONS, direction=DIRECTIONS)
-    for key, value in attrs.items():
-        if value not in choices[key]:
-            raise ValueError(f"{text!r}: unknown {key} {value!r} (one of {', '.join(choices[key])})")
-    return attrs
+    """The attributes a caption asks for, in any wording (utils.phrasing.parse_caption): {color, shape, size,
+    position} for an image, {color, shape, direction} for a video.  Raises ValueError naming what is missing."""
+    return phrasing.parse_caption(text)
 
 
 def ink(pixels: np.ndarray) -> np.ndarray:
@@ -154,7 +144,8 @@ def read_sample(path: Path) -> np.ndarray:
 
 def sample_files(captions: list[str], folder: Path) -> list[Path]:
     """<folder>/<i:05d>.png, or .mp4 for a video caption; FileNotFoundError naming the first one missing."""
-    files = [folder / f"{i:05d}{'.mp4' if ' moving ' in c else '.png'}" for i, c in enumerate(captions)]
+    files = [folder / f"{i:05d}{'.mp4' if 'direction' in parse_caption(c) else '.png'}"
+             for i, c in enumerate(captions)]
     missing = next((f for f in files if not f.is_file()), None)
     if missing is not None:
         raise FileNotFoundError(f"{missing}: no such sample ({len(captions)} captions need {len(captions)} files)")
@@ -196,14 +187,21 @@ def evaluate(captions: list[str], files: list) -> dict:
                 accuracy={k: v / n for k, v in correct.items()}, samples=samples)
 
 
-def make_captions(n: int, video: bool, seed: int) -> list[str]:
+def make_captions(n: int, video: bool, seed: int, split: str = "grammar") -> list[str]:
     """n captions cycling through every colour x shape pair, each with a random size and position (image) or a
-    random direction (video)."""
+    random direction (video), worded by the strict grammar, a training phrasing or a held-out one
+    (utils.phrasing)."""
     rng = np.random.default_rng(seed)
     pairs = itertools.cycle(itertools.product(COLORS, SHAPES))
-    if video:
-        return [f"a {c} {s} moving {rng.choice(DIRECTIONS)}" for c, s in itertools.islice(pairs, n)]
-    return [f"a {rng.choice(SIZES)} {c} {s} {rng.choice(POSITIONS)}" for c, s in itertools.islice(pairs, n)]
+    captions = []
+    for color, shape in itertools.islice(pairs, n):  # (the grammar's draws are those of earlier versions)
+        if video:
+            attrs = dict(color=color, shape=shape, direction=rng.choice(DIRECTIONS).item())
+            attrs["size"] = rng.choice(SIZES).item() if split != "grammar" else "small"  # phrasings may name it
+        else:
+            attrs = dict(color=color, shape=shape, size=rng.choice(SIZES).item(), position=rng.choice(POSITIONS).item())
+        captions.append(phrasing.phrase(attrs, rng, split))
+    return captions
 
 
 def report(result: dict) -> str:
@@ -223,15 +221,18 @@ def main(argv=None):
     p.add_argument("--video", type=int, default=0, help="with --make_captions: video captions")
     p.add_argument("--n", type=int, default=None, help="with --make_captions: lines (default 90 images, 18 videos)")
     p.add_argument("--seed", type=int, default=0, help="with --make_captions: seed of the sizes/positions/directions")
+    p.add_argument("--phrasing", choices=phrasing.SPLITS, default="grammar",
+                   help="with --make_captions: the strict grammar, training phrasings, or held-out phrasings that "
+                        "training never uses")
     args = p.parse_args(argv)
 
     if args.make_captions is not None:
         n = args.n if args.n is not None else 18 if args.video else 90
         if n < 1:
             sys.exit(f"error: --n {n}: need at least one caption")
-        lines = make_captions(n, bool(args.video), args.seed)
+        lines = make_captions(n, bool(args.video), args.seed, args.phrasing)
         args.make_captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        print(f"wrote {n} {'video' if args.video else 'image'} captions to {args.make_captions}")
+        print(f"wrote {n} {'video' if args.video else 'image'} captions ({args.phrasing}) to {args.make_captions}")
         return
     if args.captions is None or args.samples is None:
         sys.exit("error: give --captions FILE.txt and --samples DIR (or --make_captions FILE.txt)")

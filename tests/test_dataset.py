@@ -34,7 +34,8 @@ RATIO_SIZES = [(64, 32), (32, 64), (32, 32)]  # (w, h): buckets 16:9, 9:16 and 1
 
 def config(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**dict(data=Path("unused"), dataset="shapes", img_size=32, vid_size=None,
-                                        mix_aspect=0, no_flip=1, batch_size=4, epoch_length=32, train_seed=0),
+                                        mix_aspect=0, no_flip=1, batch_size=4, epoch_length=32, train_seed=0,
+                                        shapes_phrasing="grammar"),
                                  **overrides})
 
 

@@ -13,14 +13,14 @@ import pytest
 from conftest import concurrently
 
 from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, parse_vid_size, shape_caption
-from scripts.eval_shapes import evaluate, make_captions, read_sample
+from scripts.eval_shapes import evaluate, make_captions, parse_caption, read_sample
 from scripts.extract_images import cut
 from utils.config import GROUPS, build_parser, parse_config
 from utils.model_setup import load_weights, setup_transformer, stored_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (captions sampled by the test: the grammar file's first lines, samples that must be right)
-    "starflow_shapes_t2i_32x32": (make_captions(8, video=False, seed=0), 6),
+    "starflow_shapes_t2i_32x32": (make_captions(8, video=False, seed=0, split="train"), 6),  # plain English
     "starflow-v_shapes_t2v_32x32": (make_captions(4, video=True, seed=0), 3),
 }
 # What must be right: every attribute (for videos: colour, shape and the direction of motion).
@@ -54,7 +54,7 @@ def test_shipped_yaml_builds_the_shipped_model(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_shipped_model_reads_whole_captions(name):
-    """Every caption of the grammar, in the prompt wording the model was trained with (the fps sentence for a video
+    """Every caption of the grammar (and of the phrasings, for the image model), in the prompt wording the model was trained with (the fps sentence for a video
     model), fits in the model's txt_size: a cut caption loses its last words (the direction of motion)."""
     from utils.text import TextEncoder, preprocess_text
 
@@ -65,8 +65,9 @@ def test_shipped_model_reads_whole_captions(name):
     if frames > 1:
         captions = [shape_caption(c, s, "small", direction=d)  # a video caption does not name the size
                     for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
-    else:
+    else:  # the grammar, and the phrasings it was trained on and evaluated with
         captions = [shape_caption(c, s, z, p) for c, s, z, p in itertools.product(COLORS, SHAPES, SIZES, POSITIONS)]
+        captions += make_captions(3000, False, seed=0, split="train") + make_captions(3000, False, 0, "heldout")
     tokenizer = TextEncoder.from_pretrained(run_flags["text"], run_flags["txt_size"]).tokenizer
     longest = max(len(ids) for ids in tokenizer(preprocess_text(captions, fps=fps))["input_ids"])
     assert longest <= stored["config"]["txt_size"], (longest, stored["config"]["txt_size"])
@@ -84,9 +85,10 @@ def test_shipped_model_samples_its_captions(name, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "samples" / name / "caps"
     files = sorted(folder.iterdir())
-    assert [f.name for f in files] == [f"{i:05d}{'.mp4' if 'moving' in c else '.png'}" for i, c in enumerate(captions)]
+    video = "direction" in parse_caption(captions[0])
+    assert [f.name for f in files] == [f"{i:05d}{'.mp4' if video else '.png'}" for i in range(len(captions))]
     pixels = read_sample(files[0])
-    assert pixels.shape == ((4, 32, 32, 3) if "moving" in captions[0] else (32, 32, 3))
+    assert pixels.shape == ((4, 32, 32, 3) if video else (32, 32, 3))
     result = evaluate(captions, files)
     assert right(result) >= need, result["samples"]
 

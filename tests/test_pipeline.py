@@ -32,8 +32,8 @@ def pipes():
 @pytest.mark.parametrize("kind, flags, options", [
     ("image", [], {}),
     ("image", ["--cfg", "0"], {"guidance_scale": 0}),
-    ("video", [], {}),
-    ("video", ["--input_image", str(FIRST_FRAME)], {"image": FIRST_FRAME}),
+    pytest.param("video", [], {}, marks=pytest.mark.slow),
+    pytest.param("video", ["--input_image", str(FIRST_FRAME)], {"image": FIRST_FRAME}, marks=pytest.mark.slow),
 ], ids=["image", "image-unguided", "video", "image-to-video"])
 def test_pipeline_gives_sample_py_samples_bit_for_bit(tmp_path, pipes, kind, flags, options):
     checkpoint, captions = (IMAGE, CAPTIONS[kind]) if kind == "image" else (VIDEO, CAPTIONS[kind])
@@ -68,6 +68,7 @@ def test_a_sample_does_not_depend_on_the_rest_of_its_call(pipes):
     assert (repeated[0] == both[0]).all() and not (repeated[1] == both[0]).all()
 
 
+@pytest.mark.slow
 def test_output_types_memory_options_and_one_load(pipes, monkeypatch):
     """np and pt are the pil pixels in [0, 1]; latent is what the VAE decodes; CPU offload and VAE slicing change
     nothing; calling twice loads nothing again; bf16 draws what fp32 draws."""
@@ -104,6 +105,7 @@ def test_settings_the_model_cannot_make_are_one_line(pipes):
         (lambda: image(["a", "b"], negative_prompt=["x", "y", "z"]), "3 negative prompts for 2 prompts"),
         (lambda: video("a blue square moving right", num_frames=8, context_length=4),
          "--context_length must be below the trained length of 4 latent frames"),
+        (lambda: video("a blue square moving right", num_frames=8, target_length=12), "give one"),
         (lambda: STARFlowPipeline.from_pretrained(IMAGE, colour="red"), "unknown option(s): colour"),
         (lambda: STARFlowPipeline.from_pretrained(IMAGE, channels=64), "channels"),
     ]

@@ -108,7 +108,7 @@ def test_a_caption_typed_in_the_page_gives_its_image(demo, browser, tmp_path):
         wait.until(lambda d: f"seed {seed_value} " in info())
         return float(re.match(r"([\d.]+) s", info()).group(1))
 
-    first = request("a large blue square center", 0)
+    first = request("a large blue box in the middle", 0)
     src = browser.find_element(By.CSS_SELECTOR, "#image-output img").get_attribute("src")
     png = image_bytes(src)
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -120,7 +120,7 @@ def test_a_caption_typed_in_the_page_gives_its_image(demo, browser, tmp_path):
     if os.environ.get("STARFLOW_DEMO_SCREENSHOT"):
         shutil.copy(tmp_path / "web_demo.png", os.environ["STARFLOW_DEMO_SCREENSHOT"])
 
-    second = request("a small green triangle top", 1)
+    second = request("there is a small green triangle at the top", 1)
     assert second < first, (first, second)  # the first request loaded the model
     measured = measure_image(np.asarray(Image.open(io.BytesIO(image_bytes(
         browser.find_element(By.CSS_SELECTOR, "#image-output img").get_attribute("src")))).convert("RGB")))
@@ -131,6 +131,7 @@ def test_a_caption_typed_in_the_page_gives_its_image(demo, browser, tmp_path):
     WebDriverWait(browser, 30).until(lambda d: "Enter a caption first." in d.find_element(By.TAG_NAME, "body").text)
 
 
+@pytest.mark.slow
 def test_the_video_tab_makes_a_video_from_a_first_frame_and_refuses_what_it_cannot_make():
     """The request behind the video tab (no browser): an MP4 of the asked frames that starts from the given frame;
     a length or seed the model cannot take is a message for the page (gr.Error), not a crash."""

@@ -251,6 +251,9 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--data", type=Path, default=Path("data"),
                    help="dataset location: a folder of images/videos, or WebDataset shards (a pattern or list)")
     g.add_argument("--dataset", type=str, default="shapes", help="shapes (generated), folder, or webdataset")
+    g.add_argument("--shapes_phrasing", choices=["train", "grammar"], default="train",
+                   help="shapes captions: drawn from many phrasings of the attributes (train; utils.phrasing), or "
+                        "the strict grammar 'a small red circle left' (grammar)")
     g.add_argument("--logdir", type=Path, default=Path("logs"), help="where outputs go: checkpoints, samples")
     g.add_argument("--img_size", type=POSITIVE, default=32, help="image side in pixels (the area is img_size^2)")
     g.add_argument("--vid_size", type=video_size, default=None,

@@ -282,7 +282,7 @@ class STARFlowPipeline:
     def __call__(self, prompt: "str | list[str]", negative_prompt: "str | list[str] | None" = None,
                  guidance_scale: float | None = None, num_images_per_prompt: int = 1, height: int | None = None,
                  width: int | None = None, aspect_ratio: str | None = None, num_frames: int | None = None,
-                 fps: int | None = None, image=None, context_length: int | None = None, seed: int | None = None,
+                 target_length: int | None = None, fps: int | None = None, image=None, context_length: int | None = None, seed: int | None = None,
                  indices: list[int] | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", noise_std: float | None = None,
                  self_denoise: bool = True, learnable_denoiser: bool | None = None,
@@ -294,8 +294,8 @@ class STARFlowPipeline:
 
         Settings left None take the loaded defaults (`self.args`: the checkpoint's flags, then the options given to
         `from_pretrained`); they are sample.py's flags: guidance_scale = --cfg (0: no guidance), aspect_ratio or
-        height/width (one of the model's sizes), num_frames = --target_length (more than trained: a sliding window
-        keeping `context_length` latent frames), fps = --out_fps, image = --input_image (path, PIL image or uint8
+        height/width (one of the model's sizes), num_frames or target_length = --target_length (more than trained:
+        a sliding window keeping `context_length` latent frames), fps = --out_fps, image = --input_image (path, PIL image or uint8
         array: the first frame of the videos), noise_std = --target_noise_std, learnable_denoiser = not
         --disable_learnable_denoiser, jacobi / jacobi_block_size / jacobi_th / jacobi_max_iter, guide_top,
         attn_temp.  Noise: `latents` (the flow's z), else `generator`, else `seed` (random when None) with sample j
@@ -304,6 +304,10 @@ class STARFlowPipeline:
         side by side (not denoised).  `callback(info)` is called whenever a block's committed tokens advance (see
         Model.reverse).  Raises ConfigError (one line) for settings the model cannot make."""
         args, model, device = self.args, self.model, self.device
+        if target_length is not None:  # sample.py's name for num_frames
+            if num_frames not in (None, target_length):
+                raise ConfigError(f"num_frames {num_frames} and target_length {target_length}: give one")
+            num_frames = target_length
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("no prompt")

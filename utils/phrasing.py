@@ -1,0 +1,154 @@
+"""Captions of the shapes data in people's own words, and the attributes read back from any caption.
+
+The shapes data (dataset.ShapesDataset) has five attributes: colour, shape, size, and position (images) or direction
+of motion (videos).  The strict grammar says them one way ("a small red circle left", "a red circle moving up");
+people say them many ways ("a tiny crimson ball on the left", "top: big blue square", "there is a green triangle
+heading to the left").  `phrase` draws one wording of the attributes: a sentence template and a synonym per
+attribute, from the training phrasings or from the held-out ones, which never occur in training (their templates
+and a few of their words are their own), so that a model's accuracy on them measures understanding, not recall.
+`parse_caption` reads the attributes back from a caption in any of these wordings (and others built from the same
+words), for the evaluator (scripts/eval_shapes.py).
+"""
+import re
+
+import numpy as np
+
+COLOR_WORDS = {"red": ["red", "crimson"], "green": ["green", "emerald"], "blue": ["blue", "azure"],
+               "yellow": ["yellow", "golden"], "purple": ["purple", "magenta"], "orange": ["orange", "amber"]}
+SHAPE_WORDS = {"circle": ["circle", "ball", "dot", "round blob"], "square": ["square", "box", "block"],
+               "triangle": ["triangle", "wedge"]}
+SIZE_WORDS = {"small": ["small", "little"], "large": ["large", "big"]}
+POSITION_WORDS = {"left": ["left", "on the left", "to the left", "at the left side", "on the left-hand side"],
+                  "right": ["right", "on the right", "to the right", "at the right side", "on the right-hand side"],
+                  "top": ["top", "at the top", "near the top", "in the upper part", "along the top edge"],
+                  "bottom": ["bottom", "at the bottom", "near the bottom", "in the lower part",
+                             "along the bottom edge"],
+                  "center": ["center", "in the center", "in the middle", "at the centre", "in the very middle"]}
+DIRECTION_WORDS = {"left": ["moving left", "going left", "heading to the left", "moving leftwards", "sliding left"],
+                   "right": ["moving right", "going right", "heading to the right", "moving rightwards",
+                             "sliding right"],
+                   "up": ["moving up", "going up", "rising", "moving upwards", "heading up"],
+                   "down": ["moving down", "going down", "falling", "moving downwards", "heading down"]}
+# Words only the held-out phrasings use.
+HELD_OUT_WORDS = {"color": {"red": ["scarlet"], "purple": ["violet"], "blue": ["navy blue"]},
+                  "shape": {"circle": ["disc"], "square": ["cube"]},
+                  "size": {"small": ["tiny"], "large": ["huge"]},
+                  "position": {"top": ["up top"], "center": ["centered"], "left": ["on its left side"]},
+                  "direction": {"down": ["sinking"], "up": ["climbing"], "left": ["drifting left"]}}
+
+# {size} {color} {shape} {where}: a bare position ("left") or a phrase ("on the left"); {Where}: capitalised.
+IMAGE_TEMPLATES = {
+    "train": ["a {size} {color} {shape} {position}", "a {size} {color} {shape} {where}",
+              "{Where}: a {size} {color} {shape}", "there is a {size} {color} {shape} {where}",
+              "{position}: {size} {color} {shape}", "a {color} {shape}, {size}, {where}",
+              "a {size} {shape} in {color} {where}", "{size} {color} {shape} {where}",
+              "the {shape} is {color} and {size}, {where}", "a picture of a {size} {color} {shape} {where}",
+              "{Where} is a {size} {color} {shape}", "one {size} {color} {shape}, {where}"],
+    "heldout": ["draw a {size} {color} {shape} {where}", "I see a {size} {color} {shape} {where}",
+                "{Where}, there's a {size} {color} {shape}", "a {color} {shape} that is {size}, placed {where}",
+                "an image showing a {size} {color} {shape} {where}", "{size} {shape}, {color}, {where}"],
+}
+VIDEO_TEMPLATES = {
+    "train": ["a {color} {shape} {moving}", "there is a {color} {shape} {moving}", "{color} {shape}, {moving}",
+              "a {color} {shape} that is {moving}", "the {color} {shape} is {moving}",
+              "a {size} {color} {shape} {moving}", "a {shape} in {color} {moving}"],
+    "heldout": ["watch a {color} {shape} {moving}", "a {size} {shape}, {color}, {moving}",
+                "video of a {color} {shape} {moving}", "here a {color} {shape} keeps {moving}"],
+}
+SPLITS = ("grammar", "train", "heldout")
+
+
+def phrase(attrs: dict, rng: np.random.Generator, split: str = "train") -> str:
+    """One wording of `attrs` (color, shape, size, and position or direction): "grammar" is the strict grammar
+    (dataset.shape_caption), "train" a training phrasing, "heldout" an evaluation-only one."""
+    video = attrs.get("direction") is not None
+    if split == "grammar":
+        return f"a {attrs['color']} {attrs['shape']} moving {attrs['direction']}" if video else \
+            f"a {attrs['size']} {attrs['color']} {attrs['shape']} {attrs['position']}"
+    if split not in SPLITS:
+        raise ValueError(f"phrasing {split!r}: one of {', '.join(SPLITS)}")
+    pick = lambda kind, table, value: _pick(rng, table[value] + (HELD_OUT_WORDS[kind].get(value, [])
+                                                                 if split == "heldout" else []))
+    words = dict(color=pick("color", COLOR_WORDS, attrs["color"]), shape=pick("shape", SHAPE_WORDS, attrs["shape"]),
+                 size=pick("size", SIZE_WORDS, attrs["size"]))
+    if video:
+        words["moving"] = pick("direction", DIRECTION_WORDS, attrs["direction"])
+        template = _pick(rng, VIDEO_TEMPLATES[split])
+    else:
+        words["position"] = attrs["position"]
+        words["where"] = pick("position", POSITION_WORDS, attrs["position"])
+        words["Where"] = words["where"][0].upper() + words["where"][1:]
+        template = _pick(rng, IMAGE_TEMPLATES[split])
+    text = template.format(**words)
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange ...", "an amber ..."
+
+
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _words(*tables) -> dict[str, str]:
+    """word or phrase -> attribute value, over the tables given (training and held-out words)."""
+    found = {}
+    for table in tables:
+        for value, words in table.items():
+            for word in words:
+                found[word] = value
+    return found
+
+
+_EXTRA = {"color": {"violet": "purple", "scarlet": "red"},
+          "position": {"centre": "center", "middle": "center", "upper": "top", "lower": "bottom", "above": "top",
+                       "below": "bottom"},
+          "direction": {"upward": "up", "upwards": "up", "downward": "down", "downwards": "down",
+                        "leftward": "left", "rightward": "right", "dropping": "down", "ascending": "up",
+                        "descending": "down"}}
+_LEXICON = {
+    "color": _words(COLOR_WORDS, HELD_OUT_WORDS["color"], {v: [k] for k, v in _EXTRA["color"].items()}),
+    "shape": _words(SHAPE_WORDS, HELD_OUT_WORDS["shape"]),
+    "size": _words(SIZE_WORDS, HELD_OUT_WORDS["size"]),
+    # Single words suffice: the phrases are built from them.
+    "position": {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": "center",
+                 "centered": "center", **_EXTRA["position"]},
+    "direction": {"left": "left", "right": "right", "up": "up", "down": "down", "rising": "up", "falling": "down",
+                  "sinking": "down", "climbing": "up", "leftwards": "left", "rightwards": "right",
+                  **_EXTRA["direction"]},
+}
+_MOTION = re.compile(r"\b(moving|moves|move|going|goes|heading|heads|sliding|slides|drifting|drifts|travel+ing|"
+                     r"rising|rises|falling|falls|sinking|sinks|climbing|climbs|dropping|drops|ascending|"
+                     r"descending)\b")
+
+
+def _find(kind: str, text: str, after: int = 0) -> list[tuple[int, str]]:
+    """(position in text, value) of every word or phrase of `kind` in `text`, longest phrases first."""
+    hits, taken = [], []
+    for word in sorted(_LEXICON[kind], key=len, reverse=True):
+        for match in re.finditer(rf"\b{re.escape(word)}\b", text):
+            span = range(match.start(), match.end())
+            if match.start() >= after and not any(set(span) & set(t) for t in taken):
+                hits.append((match.start(), _LEXICON[kind][word]))
+                taken.append(span)
+    return sorted(hits)
+
+
+def parse_caption(text: str, video: bool | None = None) -> dict:
+    """The attributes a caption asks for: {color, shape, size, position} for an image, {color, shape, direction}
+    for a video (a caption that names a motion, unless `video` says which).  Reads any wording built from the
+    phrasing vocabulary ("a tiny scarlet ball near the top", "top: big blue square", "a green triangle heading
+    left").  Raises ValueError naming what is missing or contradictory."""
+    lowered = " ".join(text.lower().replace("-hand", "").split())
+    motion = _MOTION.search(lowered)
+    video = bool(motion) if video is None else video
+    kinds = ("color", "shape", "direction") if video else ("color", "shape", "size", "position")
+    attrs = {}
+    for kind in kinds:
+        found = _find(kind, lowered, motion.start() if kind == "direction" and motion else 0)
+        if kind == "direction" and not found and motion:  # "rising", "falling": the motion word itself
+            found = _find(kind, lowered, 0)
+        values = {value for _, value in found}
+        if not values:
+            raise ValueError(f"{text!r}: no {kind} found")
+        if len(values) > 1 and kind not in ("direction", "position"):
+            raise ValueError(f"{text!r}: more than one {kind} ({', '.join(sorted(values))})")
+        attrs[kind] = found[0][1]
+    return attrs
