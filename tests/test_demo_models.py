@@ -67,7 +67,7 @@ def test_shipped_model_reads_whole_captions(name):
                     for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
     else:  # the grammar, and the phrasings it was trained on and evaluated with
         captions = [shape_caption(c, s, z, p) for c, s, z, p in itertools.product(COLORS, SHAPES, SIZES, POSITIONS)]
-        captions += make_captions(3000, False, seed=0, split="train") + make_captions(3000, False, 0, "heldout")
+        captions += make_captions(1500, False, seed=0, split="train") + make_captions(1500, False, 0, "heldout")
     tokenizer = TextEncoder.from_pretrained(run_flags["text"], run_flags["txt_size"]).tokenizer
     longest = max(len(ids) for ids in tokenizer(preprocess_text(captions, fps=fps))["input_ids"])
     assert longest <= stored["config"]["txt_size"], (longest, stored["config"]["txt_size"])
