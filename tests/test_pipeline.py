@@ -66,6 +66,12 @@ def test_a_sample_does_not_depend_on_the_rest_of_its_call(pipes):
                 == both[0]).all()
     repeated = pixels(pipe("a large red circle center", num_images_per_prompt=2, seed=3))
     assert (repeated[0] == both[0]).all() and not (repeated[1] == both[0]).all()
+    # one negative prompt for every prompt and image, or one per prompt: the same rows
+    shared = pixels(pipe(["a large red circle center", "a small blue square top"], negative_prompt="a red circle",
+                         num_images_per_prompt=2, seed=3))
+    each = pixels(pipe(["a large red circle center", "a small blue square top"], num_images_per_prompt=2, seed=3,
+                       negative_prompt=["a red circle", "a red circle"]))
+    assert shared.shape[0] == 4 and (shared == each).all()
 
 
 @pytest.mark.slow

@@ -282,8 +282,8 @@ class STARFlowPipeline:
     def __call__(self, prompt: "str | list[str]", negative_prompt: "str | list[str] | None" = None,
                  guidance_scale: float | None = None, num_images_per_prompt: int = 1, height: int | None = None,
                  width: int | None = None, aspect_ratio: str | None = None, num_frames: int | None = None,
-                 target_length: int | None = None, fps: int | None = None, image=None, context_length: int | None = None, seed: int | None = None,
-                 indices: list[int] | None = None, generator: torch.Generator | None = None,
+                 target_length: int | None = None, fps: int | None = None, image=None,
+                 context_length: int | None = None, seed: int | None = None, indices: list[int] | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", noise_std: float | None = None,
                  self_denoise: bool = True, learnable_denoiser: bool | None = None,
                  denoising_batch_size: int | None = None, jacobi: bool | None = None,
@@ -295,8 +295,8 @@ class STARFlowPipeline:
         Settings left None take the loaded defaults (`self.args`: the checkpoint's flags, then the options given to
         `from_pretrained`); they are sample.py's flags: guidance_scale = --cfg (0: no guidance), aspect_ratio or
         height/width (one of the model's sizes), num_frames or target_length = --target_length (more than trained:
-        a sliding window keeping `context_length` latent frames), fps = --out_fps, image = --input_image (path, PIL image or uint8
-        array: the first frame of the videos), noise_std = --target_noise_std, learnable_denoiser = not
+        a sliding window keeping `context_length` latent frames), fps = --out_fps, image = --input_image (path, PIL
+        image or uint8 array: the first frame of the videos), noise_std = --target_noise_std, learnable_denoiser = not
         --disable_learnable_denoiser, jacobi / jacobi_block_size / jacobi_th / jacobi_max_iter, guide_top,
         attn_temp.  Noise: `latents` (the flow's z), else `generator`, else `seed` (random when None) with sample j
         drawing from (seed, indices[j]).  `self_denoise=False` skips the Tweedie step (always skipped with a
@@ -311,15 +311,13 @@ class STARFlowPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("no prompt")
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = None
-        if negative_prompt is not None:
+        if negative_prompt is not None:  # one for all prompts, or one per prompt
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) not in (1, len(prompts) // num_images_per_prompt):
-                raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts) // num_images_per_prompt} "
-                                  f"prompts")
-            negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
-            negatives = negatives * len(prompts) if len(negatives) == num_images_per_prompt else negatives
+            if len(negatives) not in (1, len(prompts)):
+                raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            negatives = [n for n in negatives * (len(prompts) // len(negatives)) for _ in range(num_images_per_prompt)]
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ConfigError(f"output_type {output_type!r}: one of pil, np, pt, latent")
         if image is not None and self.trained_frames == 1:
