@@ -70,15 +70,21 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 DIRECTIONS = ("left", "right", "up", "down")
 _SIZE_PX = {"small": 10, "large": 18}  # across, at 32 px; everything scales with the image side
+MOTIONS = ("cross", "wrap")  # of videos: see render_shape
+WRAP_SPEED = 3  # pixels per frame at 32 px, with motion "wrap"
 
 
 def render_shape(color: str, shape: str, size: str, position: str | None = None, direction: str | None = None,
-                 img_size: int = 32, frames: int = 1, offset: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+                 img_size: int = 32, frames: int = 1, offset: tuple[float, float] = (0.5, 0.5),
+                 motion: str = "cross") -> np.ndarray:
     """One shapes sample as uint8 pixels on white: an image (H, W, 3) with the shape at `position`, or a video
-    (T, H, W, 3) of the shape crossing the frame in `direction`.
+    (T, H, W, 3) of the shape moving in `direction`.
 
     `offset` in [0, 1]^2 places the shape inside its region: for an image, a few pixels of jitter in x and y; for a
-    video, where it sits across the direction of motion. The whole shape always stays inside the image.
+    video, offset[0] is where it sits across the direction of motion. Video `motion` "cross": the shape crosses the
+    frame from edge to edge in the clip, staying whole; "wrap": it moves WRAP_SPEED pixels per frame (at 32 px) and
+    leaves one edge to come back at the opposite one (the frame is a torus), starting at offset[1] along the way, so
+    a clip is a window cut at a random time from an endless motion and any window of a long video looks like one.
     """
     unit = img_size / 32
     d = round(_SIZE_PX[size] * unit)
@@ -92,23 +98,35 @@ def render_shape(color: str, shape: str, size: str, position: str | None = None,
             return img_size / 2 + 4 * unit * (u - 0.5)
         centres = [(place("left", "right", offset[0]), place("top", "bottom", offset[1]))]
     else:
+        if motion not in MOTIONS:
+            raise ValueError(f"motion {motion!r}: one of {', '.join(MOTIONS)}")
         across = lo + (hi - lo) * offset[0]
-        along = np.linspace(lo, hi, frames) if direction in ("right", "down") else np.linspace(hi, lo, frames)
-        centres = [(a, across) if direction in ("left", "right") else (across, a) for a in along]
-    out = []
-    for cx, cy in centres:
-        img = Image.new("RGB", (img_size, img_size), "white")
-        x0, y0 = round(cx - d / 2), round(cy - d / 2)
-        x1, y1 = x0 + d - 1, y0 + d - 1  # PIL boxes are inclusive: d pixels across
-        draw = ImageDraw.Draw(img)
-        if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=COLORS[color])
-        elif shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=COLORS[color])
-        else:
-            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=COLORS[color])
-        out.append(np.asarray(img))
+        forward, horizontal = direction in ("right", "down"), direction in ("left", "right")
+        if motion == "wrap":  # the shape drawn whole in the middle, then rolled around the frame
+            middle = img_size // 2
+            still = _draw(color, shape, d, *((middle, across) if horizontal else (across, middle)), img_size)
+            step, start = WRAP_SPEED * unit * (1 if forward else -1), int(img_size * offset[1])
+            return np.stack([np.roll(still, round(start + step * t - middle), axis=1 if horizontal else 0)
+                             for t in range(frames)])
+        along = np.linspace(lo, hi, frames) if forward else np.linspace(hi, lo, frames)
+        centres = [(a, across) if horizontal else (across, a) for a in along]
+    out = [_draw(color, shape, d, cx, cy, img_size) for cx, cy in centres]
     return out[0] if frames == 1 else np.stack(out)
+
+
+def _draw(color: str, shape: str, d: int, cx: float, cy: float, img_size: int) -> np.ndarray:
+    """A white (img_size, img_size, 3) uint8 image with the shape `d` pixels across, centred at (cx, cy)."""
+    img = Image.new("RGB", (img_size, img_size), "white")
+    x0, y0 = round(cx - d / 2), round(cy - d / 2)
+    x1, y1 = x0 + d - 1, y0 + d - 1  # PIL boxes are inclusive: d pixels across
+    draw = ImageDraw.Draw(img)
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=COLORS[color])
+    else:
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=COLORS[color])
+    return np.asarray(img)
 
 
 def shape_caption(color: str, shape: str, size: str, position: str | None = None, direction: str | None = None,
@@ -130,9 +148,10 @@ class ShapesDataset:
     flippable = False
 
     def __init__(self, size: int, img_size: int = 32, frames: int = 1, fps: int = 8, seed: int = 0,
-                 phrasing: str = "grammar"):
+                 phrasing: str = "grammar", motion: str = "cross"):
         self.size, self.img_size, self.frames, self.fps, self.seed = size, img_size, frames, fps, seed
         self.phrasing = phrasing  # utils.phrasing.phrase: "grammar", or "train" for a wording drawn per epoch
+        self.motion = motion  # of videos (render_shape): "cross" the frame once, or "wrap" around it
 
     def __len__(self) -> int:
         return self.size
@@ -153,7 +172,7 @@ class ShapesDataset:
 
     def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str, int]:
         attrs = self.attributes(index)
-        pixels = render_shape(**attrs, img_size=self.img_size, frames=self.frames)
+        pixels = render_shape(**attrs, img_size=self.img_size, frames=self.frames, motion=self.motion)
         caption = shape_caption(**attrs) if self.phrasing == "grammar" else phrase(attrs, rng, self.phrasing)
         return pixels, caption, self.fps if self.frames > 1 else 0
 
@@ -543,7 +562,8 @@ def build_loader(args, rank: int = 0, world_size: int = 1, multiple: int = 8, nu
         return Loader(steps, stream_batches)
 
     if args.dataset == "shapes":
-        source = ShapesDataset(args.epoch_length, args.img_size, frames, fps or 8, phrasing=args.shapes_phrasing)
+        source = ShapesDataset(args.epoch_length, args.img_size, frames, fps or 8, phrasing=args.shapes_phrasing,
+                               motion=args.shapes_motion)
     elif args.dataset == "folder":
         source = FolderDataset(args.data, frames, fps)
     else:

@@ -38,6 +38,7 @@ from utils.config import (
     parse_config,
     run_cli,
 )
+from utils.files import plain_mode
 from utils.hub import PretrainedNotFound, resolve_pretrained
 from utils.media import save_image, save_video
 from utils.training import learning_rate
@@ -97,6 +98,7 @@ def save_decoder(vae: LatentVAE, path: Path, metadata: dict) -> Path:
              if k.startswith(TRAINED_PREFIXES)}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    plain_mode(tmp)
     os.replace(tmp, path)
     return path
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from transformer_flow import KVCache, Model, ModelConfig, load_official_state_dict
-from utils.config import add_device_args
+from utils.config import Parser, add_device_args
 from utils.debug import randomize_weights
 from utils.decoding import interleaved, relative_error
 
@@ -199,17 +199,15 @@ def checkpoint_benchmark(args, device):
 
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    official = import_official(args.official.resolve()) if args.official else None  # before the slow loading
     pipe = STARFlowPipeline.from_pretrained(args.checkpoint, args.config, device)
     pipe.set_progress_bar_config(disable=True)
     model, video = pipe.model, pipe.trained_frames > 1
-    if args.captions is not None:
-        if not args.captions.is_file():
-            raise FileNotFoundError(f"--captions {args.captions}: no such file")
-        captions = [c.strip() for c in args.captions.read_text(encoding="utf-8").splitlines() if c.strip()]
-        if not captions:
-            raise ConfigError(f"--captions {args.captions}: the file holds no captions")
-    else:
-        captions = make_captions(4, video, seed=0)
+    if args.lengths:
+        if not video:
+            raise ConfigError(f"--lengths: {args.checkpoint} is an image model")
+        return long_video_benchmark(args, pipe)
+    captions = read_captions(args.captions) if args.captions is not None else make_captions(4, video, seed=0)
     timed = captions[:args.batch]
     (h, w_), ratio = pipe.image_size()
     w, fps, noise_std = pipe.resolve()
@@ -218,8 +216,7 @@ def checkpoint_benchmark(args, device):
     plan = f"calibrated plan {plan_path(args.checkpoint)}" if model.decoding else "default plan"
     runs = {f"ours default ({plan})": lambda: model.reverse(z, y, guidance=w),
             "ours sequential (exact inverse)": lambda: model.reverse(z, y, guidance=w, jacobi=False)}
-    if args.official:
-        official = import_official(args.official.resolve())
+    if official is not None:
         reference = official.Model(**dataclasses.asdict(model.config))
         missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
         assert not unexpected and all(k.split(".")[-1] in ("var", "attn_mask", "freqs_cos", "freqs_sin")
@@ -258,6 +255,54 @@ def checkpoint_benchmark(args, device):
     print(f"default - exact decoding, all attributes right: {gap:+.1f} points")
 
 
+def long_video_benchmark(args, pipe):
+    """Videos of a trained video checkpoint at --lengths multiples of its trained length, with the sliding window of
+    the trained length: time per generated frame (the whole pipeline: text, flow, self-denoising, VAE), the deep
+    block's KV-cache memory, and for shapes captions the long-video figures of scripts/eval_shapes.evaluate_long
+    (issue "long videos")."""
+
+    from scripts.eval_shapes import evaluate_long, make_captions
+
+    captions = read_captions(args.captions) if args.captions else make_captions(36, True, seed=0, split="train")
+    trained, batch = pipe.trained_frames, pipe.args.sample_batch_size
+    print(f"{args.checkpoint}: {len(captions)} captions, trained length {trained} frames (the sliding window), "
+          f"batch {batch}, {args.threads} threads, {pipe.device}")
+    print("| length | frames | time per frame | KV cache | presence | colour stable | shape stable | "
+          "motion consistent (clips) | background drift (mean / max) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k in args.lengths:
+        frames, videos, cache = k * trained, [], 0
+        start = time.perf_counter()
+        for i in range(0, len(captions), batch):
+            idx = list(range(i, min(i + batch, len(captions))))
+            out = pipe([captions[j] for j in idx], num_frames=frames, seed=pipe.args.seed, indices=idx)
+            videos += list(out.as_uint8())
+            cache = max(cache, out.kv_cache_bytes)
+        seconds = (time.perf_counter() - start) / (len(captions) * frames)
+        row = f"| {k}x | {frames} | {1000 * seconds:.0f} ms | {cache / 2 ** 20:.2f} MB |"
+        try:
+            result = evaluate_long(captions, videos)
+        except ValueError:  # not shapes captions
+            print(row + " | | | | |")
+            continue
+        drift = result["background_drift"]
+        print(row + f" {result['presence']:.1%} | {result['color_stable']:.1%} | {result['shape_stable']:.1%} | "
+              f"{result['motion_consistent']:.1%} ({result['consistent_steps']:.1%} of steps) | "
+              f"{drift['mean']:.1f} / {drift['max']:.1f} |")
+
+
+def read_captions(path: Path) -> list[str]:
+    """The non-empty lines of a caption file; FileNotFoundError or ConfigError (one line) when there are none."""
+    from utils.config import ConfigError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--captions {path}: no such file")
+    captions = [c.strip() for c in path.read_text(encoding="utf-8").splitlines() if c.strip()]
+    if not captions:
+        raise ConfigError(f"--captions {path}: the file holds no captions")
+    return captions
+
+
 def _official_process_group():
     """The official Jacobi all-reduces on every iteration: it needs a process group, even for one process."""
     if not torch.distributed.is_initialized():
@@ -266,9 +311,8 @@ def _official_process_group():
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official", type=Path, help="root of an official ml-starflow checkout to compare against")
     p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (ours, or an official .pth with --config)")
     p.add_argument("--captions", type=Path, help="with --checkpoint: caption file (the first --batch are timed)")
@@ -295,9 +339,10 @@ def main():
     p.add_argument("--jacobi_max_iter", type=int, default=32, help="official Jacobi iterations per window")
     p.add_argument("--config", type=Path, help="measure this YAML configuration's model instead (random weights); "
                    "with --checkpoint, the checkpoint's configuration")
-    p.add_argument("--lengths", type=int, nargs="*", default=[], help="with --config of a video model: sample "
-                   "these multiples of the trained length (e.g. 1 2 3) and report peak memory")
-    args = p.parse_args()
+    p.add_argument("--lengths", type=int, nargs="*", default=[], help="video models: sample these multiples of the "
+                   "trained length (e.g. 1 4 8); with --config, random weights: time and memory; with --checkpoint: "
+                   "time per frame, KV cache and, for shapes captions (36 by default), the long-video figures")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.checkpoint:

@@ -4,6 +4,7 @@ pixels and compare them with the caption each sample was generated from.
     python -m scripts.eval_shapes --make_captions prompts.txt [--video 1] [--n N] [--seed S]
     python sample.py --checkpoint_path logs/run/model.safetensors --caption prompts.txt --save_folder 1
     python -m scripts.eval_shapes --captions prompts.txt --samples logs/run/model/prompts [--json acc.json]
+    python -m scripts.eval_shapes --captions prompts.txt --samples DIR --long 1   # long videos: coherence over time
 
 Line i of the caption file goes with <samples>/<i:05d>.png (.mp4 for a video caption), as sample.py names them.
 The measurements read the shapes that dataset.render_shape draws on white; they tolerate the mild noise and blur of
@@ -26,6 +27,7 @@ VIDEO_ATTRS = ("color", "shape", "direction")
 INK = 60  # a pixel is foreground when some channel is this far below white
 SQUARE_FILL, TRIANGLE_FILL = 0.9, 0.66  # bounding-box fill: square 1.0, circle ~0.79, triangle ~0.55
 CENTER_RADIUS = 2.5  # in 32-px units: centred shapes sit within 2 px of the middle, the others at least 3 px off
+MIN_SPEED = 1.0  # pixels per frame at 32 px: slower is not a motion (the shapes move 3 or ~4.5 px per frame)
 
 
 def parse_caption(text: str) -> dict:
@@ -83,9 +85,46 @@ def nearest_color(rgb: np.ndarray) -> str:
     return min(COLORS, key=distance)
 
 
-def measure_image(pixels: np.ndarray) -> dict:
+def wrap_shift(pixels: np.ndarray) -> tuple[int, int]:
+    """(dy, dx): the roll that makes a shape cut by the frame's edges whole again.  A video whose shape wraps around
+    the frame (dataset.render_shape's motion "wrap") shows it in two parts at opposite edges; the roll moves the
+    widest run of empty rows / columns to the edges.  (0, 0) when the largest blob touches no edge, or the
+    opposite edge holds no ink."""
+    inked = ink(pixels) > INK
+    blob = largest_blob(inked)
+    if not blob.any():
+        return 0, 0
+
+    def roll(cut: bool, used: np.ndarray) -> int:  # used: (n,) lines holding ink
+        if not cut or used.all():
+            return 0
+        n, best, start = len(used), (0, 0), None
+        for i in range(2 * n):  # the longest circular run of empty lines
+            if not used[i % n]:
+                start = i if start is None else start
+                if i - start + 1 > best[0] and i - start + 1 <= n:
+                    best = (i - start + 1, start)
+            else:
+                start = None
+        length, first = best
+        return (-(first + length // 2)) % n  # that run's middle goes to line 0
+
+    dy = roll((blob[0].any() and inked[-1].any()) or (blob[-1].any() and inked[0].any()), inked.any(1))
+    dx = roll((blob[:, 0].any() and inked[:, -1].any()) or (blob[:, -1].any() and inked[:, 0].any()), inked.any(0))
+    return dy, dx
+
+
+def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
     """Attributes of the shape in one image (H, W, 3) uint8: color, shape, size, position, and its centre (x, y) in
-    pixels. Every value is None when the image holds no shape."""
+    pixels. Every value is None when the image holds no shape.  A shape cut by the edges (a wrapping video) is
+    measured whole (wrap_shift); its centre is given back in the frame's coordinates."""
+    dy, dx = wrap_shift(pixels) if wrap else (0, 0)
+    if dy or dx:
+        found = measure_image(np.roll(pixels, (dy, dx), axis=(0, 1)), wrap=False)
+        if found["center"] is not None:
+            h, w = pixels.shape[:2]
+            found["center"] = ((found["center"][0] - dx) % w, (found["center"][1] - dy) % h)
+        return found
     mask = shape_mask(pixels)
     if not mask.any():
         return dict(color=None, shape=None, size=None, position=None, center=None)
@@ -110,9 +149,35 @@ def measure_image(pixels: np.ndarray) -> dict:
     return dict(color=color, shape=shape, size=size, position=position, center=(float(cx), float(cy)))
 
 
+def steps(per_frame: list[dict], size: tuple[int, int]) -> list[tuple[float, float] | None]:
+    """(dx, dy) in pixels from each frame's shape to the next's (None where either frame shows none), the shorter
+    way around the frame (H, W) = `size`, so a shape that wraps around moves a few pixels, not the frame's width."""
+    h, w = size
+    out = []
+    for a, b in zip(per_frame, per_frame[1:]):
+        if a["center"] is None or b["center"] is None:
+            out.append(None)
+            continue
+        dx, dy = b["center"][0] - a["center"][0], b["center"][1] - a["center"][1]
+        out.append(((dx + w / 2) % w - w / 2, (dy + h / 2) % h - h / 2))
+    return out
+
+
+def direction_of(dx: float, dy: float, frames: int, unit: float) -> str | None:
+    """The direction of a displacement (dx, dy) over `frames` frame steps; None when it is under MIN_SPEED pixels
+    per step (at 32 px, `unit` pixels per 32-px unit) along its main axis: a shape that stays, or jitters, is not
+    moving."""
+    if max(abs(dx), abs(dy)) < MIN_SPEED * unit * max(frames, 1):
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
 def measure_video(frames: np.ndarray) -> dict:
     """Attributes of the moving shape in a video (T, H, W, 3) uint8: color and shape by majority over the frames,
-    direction from the shape's displacement between the first and last frames that show it."""
+    direction from the shape's displacement summed over the steps between frames that show it (steps), or None
+    when it moves less than MIN_SPEED pixels per frame."""
     per_frame = [measure_image(f) for f in frames]
     shown = [m for m in per_frame if m["center"] is not None]
     if not shown:
@@ -121,15 +186,57 @@ def measure_video(frames: np.ndarray) -> dict:
     def majority(key):
         return Counter(m[key] for m in shown).most_common(1)[0][0]
 
-    (x0, y0), (x1, y1) = shown[0]["center"], shown[-1]["center"]
-    dx, dy = x1 - x0, y1 - y0
-    if dx == dy == 0:
-        direction = None
-    elif abs(dx) >= abs(dy):
-        direction = "right" if dx > 0 else "left"
-    else:
-        direction = "down" if dy > 0 else "up"
+    moves = steps(shown, frames.shape[1:3])
+    dx, dy = sum(m[0] for m in moves), sum(m[1] for m in moves)
+    direction = direction_of(dx, dy, len(moves), frames.shape[2] / 32)
     return dict(color=majority("color"), shape=majority("shape"), direction=direction)
+
+
+def measure_long_video(frames: np.ndarray, direction: str | None = None) -> dict:
+    """Coherence of a long video (T, H, W, 3) uint8, frame by frame (issue "long videos"):
+    presence: share of frames that show a shape; color_stable / shape_stable: share of frames whose colour / shape
+    equal the first frame's (a frame without a shape counts as a change); motion_consistent: whether every step
+    between frames moves at least MIN_SPEED pixels (at 32 px) in the clip's direction (`direction`, default the
+    first step's) and more along it than across it; consistent_steps: the share of such steps; background_drift:
+    the largest distance (RGB, 0-255) of a frame's mean background colour from the first frame's."""
+    per_frame = [measure_image(f) for f in frames]
+    first, n, unit = per_frame[0], len(frames), frames.shape[2] / 32
+    moves = steps(per_frame, frames.shape[1:3])
+    if direction is None and moves and moves[0] is not None:
+        direction = direction_of(*moves[0], 1, unit)
+    axis, sign = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}.get(direction, (None, 0))
+    good = [m is not None and axis is not None and sign * m[axis] >= MIN_SPEED * unit
+            and abs(m[axis]) > abs(m[1 - axis]) for m in moves]
+    background = []
+    for f in frames:
+        clear = ink(f) < INK // 2  # clearly background, away from the shape's blurred edge
+        background.append(f[clear].reshape(-1, 3).mean(0) if clear.any() else np.zeros(3))
+    drift = max(float(np.linalg.norm(b - background[0])) for b in background)
+    return dict(presence=sum(m["center"] is not None for m in per_frame) / n,
+                color_stable=sum(first["color"] is not None and m["color"] == first["color"] for m in per_frame) / n,
+                shape_stable=sum(first["shape"] is not None and m["shape"] == first["shape"] for m in per_frame) / n,
+                motion_consistent=bool(good) and all(good), consistent_steps=sum(good) / max(len(good), 1),
+                background_drift=drift)
+
+
+def evaluate_long(captions: list[str], files: list) -> dict:
+    """measure_long_video over videos `files` (paths or (T, H, W, 3) arrays) generated from video `captions` (the
+    caption's direction is the one the motion must keep).  Returns {"n", "frames": T of the first, "presence",
+    "color_stable", "shape_stable", "consistent_steps" (means over the videos), "motion_consistent" (share of
+    videos), "background_drift" (mean and max), "samples": [per-video dicts with the caption]}."""
+    if len(captions) != len(files) or not captions:
+        raise ValueError(f"{len(captions)} captions but {len(files)} videos")
+    samples = []
+    for text, source in zip(captions, files):
+        target = phrasing.parse_caption(text, video=True)
+        pixels = read_sample(Path(source)) if isinstance(source, (str, Path)) else np.asarray(source)
+        samples.append(dict(caption=text, frames=len(pixels), **measure_long_video(pixels, target["direction"])))
+    mean = lambda key: float(np.mean([s[key] for s in samples]))
+    return dict(n=len(samples), frames=samples[0]["frames"],
+                **{k: mean(k) for k in ("presence", "color_stable", "shape_stable", "consistent_steps",
+                                        "motion_consistent")},
+                background_drift=dict(mean=mean("background_drift"),
+                                      max=max(s["background_drift"] for s in samples)), samples=samples)
 
 
 def read_sample(path: Path) -> np.ndarray:
@@ -212,11 +319,24 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def report_long(result: dict) -> str:
+    drift = result["background_drift"]
+    return "\n".join([f"videos: {result['n']} of {result['frames']} frames",
+                      f"  presence           {result['presence']:6.1%}  (frames showing a shape)",
+                      f"  colour stable      {result['color_stable']:6.1%}  (frames with the first frame's colour)",
+                      f"  shape stable       {result['shape_stable']:6.1%}  (frames with the first frame's shape)",
+                      f"  motion consistent  {result['motion_consistent']:6.1%}  (videos; "
+                      f"{result['consistent_steps']:.1%} of the steps)",
+                      f"  background drift   {drift['mean']:.1f} mean, {drift['max']:.1f} max  (RGB, 0-255)"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--captions", type=Path, help="caption file, one caption per line, as given to sample.py")
     p.add_argument("--samples", type=Path, help="folder of <line index:05d>.png|.mp4 from sample.py --save_folder 1")
     p.add_argument("--json", type=Path, help="also write the result here as JSON")
+    p.add_argument("--long", type=int, default=0, help="videos: the long-video figures (presence, colour and shape "
+                   "stability, motion consistency, background drift; evaluate_long) instead of caption accuracy")
     p.add_argument("--make_captions", type=Path, help="write a caption file covering every colour x shape pair")
     p.add_argument("--video", type=int, default=0, help="with --make_captions: video captions")
     p.add_argument("--n", type=int, default=None, help="with --make_captions: lines (default 90 images, 18 videos)")
@@ -247,10 +367,11 @@ def main(argv=None):
         except ValueError as err:
             sys.exit(f"error: {args.captions} line {i + 1}: {err}")
     try:
-        result = evaluate(captions, sample_files(captions, args.samples))
+        files = sample_files(captions, args.samples)
+        result = evaluate_long(captions, files) if args.long else evaluate(captions, files)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    print(report(result))
+    print(report_long(result) if args.long else report(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 

@@ -2,6 +2,7 @@
 
     python -m scripts.extract_image_from_video samples.mp4 -H 480 -W 832            # samples_0.mp4, samples_1.mp4, ...
     python -m scripts.extract_image_from_video samples.mp4 --n 4 --frames           # samples_0/frame_000000.png, ...
+    python -m scripts.extract_image_from_video samples.mp4 --n 1 --strip 16         # samples_0_strip.png: 16 a row
 
 Every frame has the layout of scripts/extract_images.py (2-pixel white borders, grid_columns(n) columns); an odd
 grid side was padded by one pixel at the bottom/right for yuv420p, which is allowed for here.  Tiles are
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from scripts.extract_images import GridError, cut, grid_parser, layout
+from utils.media import save_image
 
 BORDER_TOLERANCE = 24  # H.264 leaves the white lines between tiles at 240-255 on average
 
@@ -24,6 +26,8 @@ BORDER_TOLERANCE = 24  # H.264 leaves the white lines between tiles at 240-255 o
 def parse_args(argv=None) -> argparse.Namespace:
     p = grid_parser(__doc__, "video", "MP4")
     p.add_argument("--frames", action="store_true", help="write each tile as a folder of PNG frames, not an MP4")
+    p.add_argument("--strip", type=int, default=0, metavar="PER_ROW",
+                   help="write each tile's frames side by side as one PNG, PER_ROW frames a row (a frames strip)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the video)")
     return p.parse_args(argv)
 
@@ -67,7 +71,12 @@ def main(argv=None):
 
     out = args.out if args.out is not None else args.video.parent
     stem, n = args.video.stem, rows * columns
-    if args.frames:
+    if args.strip < 0:
+        sys.exit(f"error: --strip {args.strip}: frames per row must be positive")
+    strips = [[] for _ in range(n)]
+    if args.strip:
+        out.mkdir(parents=True, exist_ok=True)
+    elif args.frames:
         folders = [out / f"{stem}_{i}" for i in range(n)]
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
@@ -77,14 +86,20 @@ def main(argv=None):
     with reader:
         for t, frame in enumerate(itertools.chain([first], frames)):
             for i, tile in enumerate(cut(frame, rows, columns, tile_h, tile_w)):
-                if args.frames:
+                if args.strip:
+                    strips[i].append(tile)
+                elif args.frames:
                     Image.fromarray(tile).save(folders[i] / f"frame_{t:06d}.png")
                 else:
                     writers[i].append_data(even(tile))
-    if not args.frames:
+    if args.strip:
+        for i, tiles in enumerate(strips):
+            save_image(np.stack(tiles), out / f"{stem}_{i}_strip.png", columns=args.strip)
+    elif not args.frames:
         for writer in writers:
             writer.close()
-    where = f"{out}/{stem}_<id>/frame_<t>.png" if args.frames else f"{out}/{stem}_<id>.mp4"
+    where = f"{out}/{stem}_<id>_strip.png" if args.strip else \
+        f"{out}/{stem}_<id>/frame_<t>.png" if args.frames else f"{out}/{stem}_<id>.mp4"
     print(f"{args.video}: {rows}x{columns} grid of {tile_h}x{tile_w} tiles, {t + 1} frames at {fps:g} fps; "
           f"wrote {n} tiles to {where}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
-from utils.config import ConfigError, number, run_cli  # noqa: E402
+from utils.config import ConfigError, Parser, device_name, number, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = [ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors", ROOT / "ckpts" / "starflow-v_shapes_t2v_32x32.safetensors"]
@@ -132,14 +132,13 @@ def build_page(checkpoints: list[Path], models: Models):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, nargs="+", default=BUNDLED,
                    help="exported .safetensors or training checkpoint folders, one tab each (default: the bundled "
                         "image and video models)")
     p.add_argument("--port", type=number(int, minimum=1, maximum=65535), default=7860, help="HTTP port")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
     for checkpoint in args.checkpoint:
         if not checkpoint.exists():

@@ -287,3 +287,17 @@ def test_sizes_the_model_cannot_make_are_refused(tmp_path, flags, needle):
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert code == 2 and len(errors) == 1 and needle in errors[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has the device")
+@pytest.mark.parametrize("entry", ["sample", "train", "finetune_decoder", "scripts.benchmark", "scripts.web_demo"])
+def test_a_device_this_machine_lacks_is_one_line(entry, tmp_path):
+    """--device cuda without CUDA (and a misspelt device) stops at parsing in one line, in every entry point: the
+    benchmark used to end in PyTorch's "Torch not compiled with CUDA enabled" traceback."""
+    import importlib
+
+    module = importlib.import_module(entry)
+    for device, needle in (("cuda", "cuda: CUDA is not available here"), ("gpu", "'gpu' is not a device")):
+        code, stderr = cli_error(module.main, ["--device", device])
+        assert code == 2 and needle in stderr and "Traceback" not in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr

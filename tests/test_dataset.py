@@ -27,6 +27,7 @@ from dataset import (
     build_loader,
     nearest_aspect_ratio,
     render_shape,
+    shape_caption,
 )
 
 RATIO_SIZES = [(64, 32), (32, 64), (32, 32)]  # (w, h): buckets 16:9, 9:16 and 1:1
@@ -35,7 +36,7 @@ RATIO_SIZES = [(64, 32), (32, 64), (32, 32)]  # (w, h): buckets 16:9, 9:16 and 1
 def config(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**dict(data=Path("unused"), dataset="shapes", img_size=32, vid_size=None,
                                         mix_aspect=0, no_flip=1, batch_size=4, epoch_length=32, train_seed=0,
-                                        shapes_phrasing="grammar"),
+                                        shapes_phrasing="grammar", shapes_motion="cross"),
                                  **overrides})
 
 
@@ -180,6 +181,25 @@ def test_shapes_show_their_caption(img_size):
         assert expected[position], (caption, off_x, off_y)
         assert position in ("left", "right") or abs(off_x) <= 2.5
         assert position in ("top", "bottom") or abs(off_y) <= 2.5
+
+
+@pytest.mark.parametrize("img_size", [32, 64])
+def test_wrapping_shape_videos_move_three_pixels_a_frame_around_the_torus(img_size):
+    """motion "wrap" (the video demo model's data): frame t is frame 0 rolled by 3 px per frame (at 32 px) in the
+    named direction, so the whole shape is always there (cut by an edge, it comes back at the opposite one) and a
+    clip is a window of an endless motion; the start along the way is the sample's own."""
+    data, unit, cut, starts = ShapesDataset(40, img_size, frames=24, fps=4, seed=5, motion="wrap"), img_size // 32, 0, set()
+    for i in range(len(data)):
+        attrs = data.attributes(i)
+        video, caption, _ = data.load(i, np.random.default_rng(0))
+        assert video.shape == (24, img_size, img_size, 3) and caption == shape_caption(**attrs)
+        axis, sign = {"right": (1, 1), "left": (1, -1), "down": (0, 1), "up": (0, -1)}[attrs["direction"]]
+        for t in range(24):
+            assert (np.roll(video[0], sign * 3 * unit * t, axis=axis) == video[t]).all(), (caption, t)
+        inked = (video < 250).any(-1)
+        cut += int((inked[:, :, 0].any(1) & inked[:, :, -1].any(1)).any() | (inked[:, 0].any(1) & inked[:, -1].any(1)).any())
+        starts.add(int(np.argwhere(inked[0]).mean(0)[axis]))
+    assert cut > 20 and len(starts) > 10  # most clips cross an edge; they start all over the frame
 
 
 def test_shape_videos_move_in_the_named_direction():

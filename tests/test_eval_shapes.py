@@ -15,7 +15,16 @@ from conftest import cli_error
 from PIL import Image
 
 from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, ShapesDataset, render_shape, shape_caption
-from scripts.eval_shapes import evaluate, main, make_captions, measure_image, measure_video, parse_caption
+from scripts.eval_shapes import (
+    evaluate,
+    evaluate_long,
+    main,
+    make_captions,
+    measure_image,
+    measure_long_video,
+    measure_video,
+    parse_caption,
+)
 from utils.media import save_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +123,45 @@ def test_videos_are_measured_right_clean_and_noisy():
     assert clean == dict.fromkeys(VIDEO_KEYS, 1.0)
     noise = accuracy(cases, measure_video, lambda a: noisy(render_shape(**a, frames=6), rng), VIDEO_KEYS)
     assert min(noise.values()) >= 0.99, noise
+
+
+def test_wrapping_videos_are_measured_whole_and_slow_ones_have_no_direction():
+    """A shape cut by the frame's edges (motion "wrap") is measured as one shape, its centre in frame coordinates;
+    the direction is the displacement summed the short way around; a shape that stays or moves under 1 px per frame
+    has none (it used to be credited with any displacement)."""
+    rng = np.random.default_rng(4)
+    cases = [dict(color=c, shape=s, size=z, direction=d, offset=tuple(rng.random(2)))
+             for c, s, z, d in itertools.product(COLORS, SHAPES, SIZES, DIRECTIONS)]
+    clean = accuracy(cases, measure_video, lambda a: render_shape(**a, frames=4, motion="wrap"), VIDEO_KEYS)
+    assert clean == dict.fromkeys(VIDEO_KEYS, 1.0)
+    still = render_shape("red", "circle", "small", direction="right", frames=1, offset=(0.5, 0.5))
+    assert measure_video(np.stack([still] * 4))["direction"] is None
+    creeping = np.stack([np.roll(still, t // 2, axis=1) for t in range(4)])  # 1 px in 3 frames
+    assert measure_video(creeping)["direction"] is None
+    edge = np.roll(render_shape("blue", "square", "large", "center"), 16, axis=1)  # split in two halves
+    assert measure_image(edge)["shape"] == "square" and measure_image(edge)["size"] == "large"
+    assert abs(measure_image(edge)["center"][0] - 0) < 1 or abs(measure_image(edge)["center"][0] - 32) < 1
+
+
+def test_long_video_figures_count_what_breaks():
+    attrs = dict(color="red", shape="square", size="small", direction="right", offset=(0.3, 0.9))
+    video = render_shape(**attrs, frames=32, motion="wrap")
+    assert measure_long_video(video, "right") == dict(presence=1.0, color_stable=1.0, shape_stable=1.0,
+                                                      motion_consistent=True, consistent_steps=1.0,
+                                                      background_drift=0.0)
+    broken = video.copy()
+    broken[8:12] = render_shape(**{**attrs, "color": "blue"}, frames=32, motion="wrap")[8:12]
+    broken[20] = 255  # no shape
+    broken[28:][(broken[28:] == 255).all(-1)] = 235  # a greyer background
+    got = measure_long_video(broken, "right")
+    assert got["presence"] == 31 / 32 and got["color_stable"] == 27 / 32 and got["shape_stable"] == 31 / 32
+    assert not got["motion_consistent"] and got["consistent_steps"] == 29 / 31
+    assert got["background_drift"] == pytest.approx(20 * 3 ** 0.5)
+    backwards = measure_long_video(video[::-1], "right")
+    assert not backwards["motion_consistent"] and backwards["consistent_steps"] == 0
+    result = evaluate_long(["a red square moving right", "a red box going right"], [video, broken])
+    assert result["n"] == 2 and result["frames"] == 32 and result["motion_consistent"] == 0.5
+    assert result["presence"] == (1 + 31 / 32) / 2 and result["background_drift"]["max"] == got["background_drift"]
 
 
 def test_blank_image_measures_nothing_and_counts_as_wrong():

@@ -267,3 +267,13 @@ def test_lpips_weights_from_a_repository_folder(tmp_path):
     save_file(LPIPS().state_dict(), str(folder / "weights.safetensors"))
     assert finetune_decoder.lpips_weights_file(folder) == folder / "weights.safetensors"
     assert finetune_decoder.lpips_weights_file(tmp_path / "empty-missing") is None
+
+
+def test_the_default_local_lpips_path_is_not_taken_for_a_hub_name(capsys, monkeypatch, tmp_path):
+    """Without ckpts/lpips_vgg16.safetensors the warning says the file is missing; it does not suggest
+    `hf download ckpts/lpips_vgg16.safetensors` (a local path read as a Hub name)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    assert finetune_decoder.lpips_weights_file("ckpts/lpips_vgg16.safetensors") is None
+    warning = capsys.readouterr().out
+    assert "no such file" in warning and "hf download" not in warning, warning

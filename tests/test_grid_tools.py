@@ -157,6 +157,20 @@ def test_extract_video_frames_of_odd_tiles(tmp_path):
         assert_close_colours(frames, colours[i], f"tile {i}")
 
 
+def test_extract_video_strips_lay_each_tiles_frames_side_by_side(mp4_grid, tmp_path):
+    """--strip 2: one PNG per tile with its 5 frames in rows of 2 (the layout of a sample grid), in time order."""
+    path, colours = mp4_grid
+    result = run("extract_image_from_video.py", path, "--n", 4, "--strip", 2, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"grid_{i}_strip.png" for i in range(4)]
+    for i in range(4):
+        strip = read_png(tmp_path / f"grid_{i}_strip.png")
+        assert strip.shape == (3 * (TILE_H + 2) + 2, 2 * (TILE_W + 2) + 2, 3)
+        frames = [strip[2 + r * (TILE_H + 2):r * (TILE_H + 2) + TILE_H + 2, 2 + c * (TILE_W + 2):c * (TILE_W + 2) + TILE_W + 2]
+                  for r, c in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]]
+        assert_close_colours(frames, colours[i], f"tile {i}")
+
+
 @pytest.mark.parametrize("args, names", [
     (["-H", TILE_H + 2, "-W", TILE_W], ["-H 18", "height"]),
     (["--n", 3], ["--n 3"]),

@@ -1,6 +1,7 @@
 """sample.py as a user runs it: one process or torchrun, files written, determinism, self-denoising, bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,33 @@ def test_bad_sampling_flags_are_one_line(trained, tmp_path, capsys, kind, flags,
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert exit_.value.code == 2 and len(errors) == 1 and name in errors[0] and "Traceback" not in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_two_runs_model_files_never_overwrite_each_others_samples(tmp_path, capsys):
+    """logs/runA/model.safetensors and logs/runB/model.safetensors share a file stem: the first one's samples go to
+    <logdir>/model (its checkpoint.txt names it), the second one's to <logdir>/runB-model with a note; each goes back
+    to its own folder next time.  Written files can be read by the group and others (the umask's mode, not 0600)."""
+    import sample as sample_py
+
+    shipped = ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors"
+    for run_name in ("runA", "runB"):
+        (tmp_path / run_name).mkdir()
+        shutil.copy(shipped, tmp_path / run_name / "model.safetensors")
+    logdir = tmp_path / "logs"
+    folders = {}
+    for run_name in ("runA", "runB", "runA", "runB"):
+        sample_py.main(["--checkpoint_path", str(tmp_path / run_name / "model.safetensors"), "--caption",
+                        f"a small {'red' if run_name == 'runA' else 'blue'} circle on the left", "--logdir",
+                        str(logdir), "--save_latents", "1"])
+        out = capsys.readouterr().out
+        folders.setdefault(run_name, set()).add(out.split("outputs in ")[-1].strip())
+        assert ("holds another checkpoint's samples" in out) == (run_name == "runB"), out
+    assert folders == {"runA": {str(logdir / "model")}, "runB": {str(logdir / "runB-model")}}
+    for folder, run_name in ((logdir / "model", "runA"), (logdir / "runB-model", "runB")):
+        assert (folder / "checkpoint.txt").read_text().strip() == str((tmp_path / run_name / "model.safetensors").resolve())
+    red, blue = read(logdir / "model" / "samples-00000.png"), read(logdir / "runB-model" / "samples-00000.png")
+    assert red[..., 0].mean() > red[..., 2].mean() and blue[..., 2].mean() > blue[..., 0].mean()
+    mask = os.umask(0)
+    os.umask(mask)
+    for written in (logdir / "model" / "samples-00000.png", logdir / "model" / "samples-00000.safetensors"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~mask, written

@@ -31,11 +31,12 @@ import yaml
 INERT_KEYS = {"nvp", "adaln", "wds", "compile", "fp8", "use_8bit_adam", "vae_decoder_factor", "use_mm_attn",
               "noise_embed_denoiser", "use_pretrained_lm", "secondary_dataset", "secondary_img_size",
               "secondary_vid_size", "secondary_batch_size", "secondary_ratio", "caption_column", "vae_adapter"}
+SELF_DENOISE = ("auto", "on", "off")
 ASPECT_RATIOS = ["1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21"]
 
 # Flags that fix what a model's inputs are; checkpoints store them so that sampling needs no flags.
 RUN_KEYS = ("text", "txt_size", "vae", "finetuned_vae", "img_size", "vid_size", "channel_size", "patch_size",
-            "noise_std", "fps_cond", "cond_noise_level", "mix_aspect", "cfg")
+            "noise_std", "fps_cond", "cond_noise_level", "mix_aspect", "cfg", "self_denoise")
 
 
 class ConfigError(ValueError):
@@ -51,8 +52,8 @@ def one_line(err: BaseException) -> str:
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (`error: ...`) and exit with status 2; --help shows defaults."""
 
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    def __init__(self, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -96,6 +97,19 @@ def boolean(text) -> bool:
 
 
 boolean.__name__ = "0/1 or true/false"
+
+
+def denoise_mode(text) -> str:
+    """--self_denoise: auto, or an on/off value (1/true/on, 0/false/off: YAML reads a bare `on` as true)."""
+    word = str(text).strip().lower()
+    if word == "auto":
+        return word
+    if word in TRUE or word in FALSE:
+        return "on" if word in TRUE else "off"
+    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+
+
+denoise_mode.__name__ = "auto, on or off"
 POSITIVE, COUNT, PROBABILITY = number(int, minimum=1), number(int, minimum=0), number(minimum=0, maximum=1)
 
 
@@ -254,6 +268,9 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--shapes_phrasing", choices=["train", "grammar"], default="train",
                    help="shapes captions: drawn from many phrasings of the attributes (train; utils.phrasing), or "
                         "the strict grammar 'a small red circle left' (grammar)")
+    g.add_argument("--shapes_motion", choices=["cross", "wrap"], default="cross",
+                   help="shapes videos: the shape crosses the frame once per clip (cross), or moves 3 px per frame "
+                        "(at 32 px) and wraps around the frame, a clip being a window of an endless motion (wrap)")
     g.add_argument("--logdir", type=Path, default=Path("logs"), help="where outputs go: checkpoints, samples")
     g.add_argument("--img_size", type=POSITIVE, default=32, help="image side in pixels (the area is img_size^2)")
     g.add_argument("--vid_size", type=video_size, default=None,
@@ -357,6 +374,10 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--jacobi_max_iter", type=POSITIVE, default=None,
                    help="Jacobi iterations after which a token is final (official default 32)")
     g.add_argument("--attn_temp", type=number(above=0), default=1, help="attention temperature of the deep block")
+    g.add_argument("--self_denoise", type=denoise_mode, choices=SELF_DENOISE, default="auto",
+                   help="Tweedie denoising of the samples before decoding (the flow's score or its learnable "
+                        "denoiser): auto = as the official sampler, on unless --finetuned_vae gives a noisy-latent "
+                        "decoder; on = always, then whichever decoder is set; off = never")
     g.add_argument("--denoising_batch_size", type=POSITIVE, default=1,
                    help="samples per self-denoising pass (memory; the result is the same)")
     switch(g, "disable_learnable_denoiser", False, "self-denoise with the flow's score even when the model has a "
@@ -380,9 +401,31 @@ def add_sampling_args(p: argparse.ArgumentParser):
                    help="largest relative L2 distance of the calibrated plan's latents to the exact inverse")
 
 
+def device_name(text: str) -> str:
+    """--device: a torch device this machine has (cpu, cuda, cuda:N, mps); one error line otherwise."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here (no GPU, or a CPU build of PyTorch); "
+                                         f"use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here")
+    return text
+
+
+device_name.__name__ = "device"
+
+
 def add_device_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("device")
-    g.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def add_finetune_args(p: argparse.ArgumentParser):

@@ -8,6 +8,7 @@ import codecs
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,14 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, the 
 _SRGB = ImageCms.createProfile("sRGB")
 _HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit greyscale (PNG, TIFF); "I" as Pillow opens them
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def plain_mode(path: str | Path) -> None:
+    """Give a written file the permissions open() gives (0666 less the umask): safetensors writes its files 0600,
+    which colleagues on a shared cluster cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def read_image(source, where: str | Path | None = None) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".json", ".yaml")  # files, never Hub names
 
 
 def local_path(name: str | os.PathLike) -> Path:
@@ -47,7 +48,8 @@ def resolve_pretrained(name: str | os.PathLike, what: str = "model", allow_patte
     if path.exists():
         return path
     name = str(name)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_SUFFIXES \
+            or Path(name).parent.is_dir():  # a local path: "ckpts/lpips_vgg16.safetensors" is not a Hub name
         raise PretrainedNotFound(f"{what} '{name}': no such file or directory (and not a Hub name like 'org/model')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

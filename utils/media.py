@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from utils.files import plain_mode
+
 
 def to_uint8(x) -> np.ndarray:
     """A tensor (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8; a uint8 array (..., H, W, 3) as it is."""
@@ -39,6 +41,7 @@ def _atomic(path: Path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     write(tmp)
+    plain_mode(tmp)
     os.replace(tmp, path)
     return path
 

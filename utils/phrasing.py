@@ -13,22 +13,36 @@ import re
 
 import numpy as np
 
-COLOR_WORDS = {"red": ["red", "crimson"], "green": ["green", "emerald"], "blue": ["blue", "azure"],
-               "yellow": ["yellow", "golden"], "purple": ["purple", "magenta"], "orange": ["orange", "amber"]}
-SHAPE_WORDS = {"circle": ["circle", "ball", "dot", "round blob"], "square": ["square", "box", "block"],
-               "triangle": ["triangle", "wedge"]}
-SIZE_WORDS = {"small": ["small", "little"], "large": ["large", "big"]}
-POSITION_WORDS = {"left": ["left", "on the left", "to the left", "at the left side", "on the left-hand side"],
-                  "right": ["right", "on the right", "to the right", "at the right side", "on the right-hand side"],
-                  "top": ["top", "at the top", "near the top", "in the upper part", "along the top edge"],
+COLOR_WORDS = {"red": ["red", "crimson", "ruby", "cherry red", "bright red", "tomato red"],
+               "green": ["green", "emerald", "grass green", "jade", "lime green", "forest green"],
+               "blue": ["blue", "azure", "cobalt", "sapphire", "royal blue", "sky blue"],
+               "yellow": ["yellow", "golden", "lemon", "canary yellow", "sunny yellow", "mustard"],
+               "purple": ["purple", "magenta", "plum", "lilac", "amethyst", "mauve"],
+               "orange": ["orange", "amber", "tangerine", "pumpkin orange", "apricot", "bright orange"]}
+SHAPE_WORDS = {"circle": ["circle", "ball", "dot", "round blob", "sphere", "orb", "round shape"],
+               "square": ["square", "box", "block", "tile", "square shape", "boxy shape"],
+               "triangle": ["triangle", "wedge", "pyramid", "triangular shape", "arrowhead"]}
+SIZE_WORDS = {"small": ["small", "little", "mini", "petite", "smallish"],
+              "large": ["large", "big", "giant", "massive", "oversized"]}
+POSITION_WORDS = {"left": ["left", "on the left", "to the left", "at the left side", "on the left-hand side",
+                           "at the far left", "on the left edge", "in the left part of the image"],
+                  "right": ["right", "on the right", "to the right", "at the right side", "on the right-hand side",
+                            "at the far right", "on the right edge", "in the right part of the image"],
+                  "top": ["top", "at the top", "near the top", "in the upper part", "along the top edge",
+                          "at the top of the picture", "in the upper half", "high at the top"],
                   "bottom": ["bottom", "at the bottom", "near the bottom", "in the lower part",
-                             "along the bottom edge"],
-                  "center": ["center", "in the center", "in the middle", "at the centre", "in the very middle"]}
-DIRECTION_WORDS = {"left": ["moving left", "going left", "heading to the left", "moving leftwards", "sliding left"],
+                             "along the bottom edge", "at the bottom of the picture", "in the lower half",
+                             "low at the bottom"],
+                  "center": ["center", "in the center", "in the middle", "at the centre", "in the very middle",
+                             "in the middle of the picture", "at the center of the image", "in the central area"]}
+DIRECTION_WORDS = {"left": ["moving left", "going left", "heading to the left", "moving leftwards", "sliding left",
+                            "travelling left", "gliding to the left", "moving to the left"],
                    "right": ["moving right", "going right", "heading to the right", "moving rightwards",
-                             "sliding right"],
-                   "up": ["moving up", "going up", "rising", "moving upwards", "heading up"],
-                   "down": ["moving down", "going down", "falling", "moving downwards", "heading down"]}
+                             "sliding right", "travelling right", "gliding to the right", "moving to the right"],
+                   "up": ["moving up", "going up", "rising", "moving upwards", "heading up", "floating up",
+                          "travelling upward", "ascending"],
+                   "down": ["moving down", "going down", "falling", "moving downwards", "heading down",
+                            "dropping", "travelling downward", "descending"]}
 # Words only the held-out phrasings use.
 HELD_OUT_WORDS = {"color": {"red": ["scarlet"], "purple": ["violet"], "blue": ["navy blue"]},
                   "shape": {"circle": ["disc"], "square": ["cube"]},
@@ -43,7 +57,10 @@ IMAGE_TEMPLATES = {
               "{position}: {size} {color} {shape}", "a {color} {shape}, {size}, {where}",
               "a {size} {shape} in {color} {where}", "{size} {color} {shape} {where}",
               "the {shape} is {color} and {size}, {where}", "a picture of a {size} {color} {shape} {where}",
-              "{Where} is a {size} {color} {shape}", "one {size} {color} {shape}, {where}"],
+              "{Where} is a {size} {color} {shape}", "one {size} {color} {shape}, {where}",
+              "a photo of a {size} {color} {shape} {where}", "you can see a {size} {color} {shape} {where}",
+              "a {size} {shape} colored {color}, {where}", "{size}, {color} {shape} {where}",
+              "a {color} {shape} of {size} size {where}", "{Where}, a {size} {color} {shape}"],
     "heldout": ["draw a {size} {color} {shape} {where}", "I see a {size} {color} {shape} {where}",
                 "{Where}, there's a {size} {color} {shape}", "a {color} {shape} that is {size}, placed {where}",
                 "an image showing a {size} {color} {shape} {where}", "{size} {shape}, {color}, {where}"],
@@ -51,7 +68,9 @@ IMAGE_TEMPLATES = {
 VIDEO_TEMPLATES = {
     "train": ["a {color} {shape} {moving}", "there is a {color} {shape} {moving}", "{color} {shape}, {moving}",
               "a {color} {shape} that is {moving}", "the {color} {shape} is {moving}",
-              "a {size} {color} {shape} {moving}", "a {shape} in {color} {moving}"],
+              "a {size} {color} {shape} {moving}", "a {shape} in {color} {moving}",
+              "a clip of a {color} {shape} {moving}", "you can see a {color} {shape} {moving}",
+              "a {size} {shape} colored {color}, {moving}", "one {color} {shape} {moving}"],
     "heldout": ["watch a {color} {shape} {moving}", "a {size} {shape}, {color}, {moving}",
                 "video of a {color} {shape} {moving}", "here a {color} {shape} keeps {moving}"],
 }
@@ -98,7 +117,7 @@ def _words(*tables) -> dict[str, str]:
 
 
 _EXTRA = {"color": {"violet": "purple", "scarlet": "red"},
-          "position": {"centre": "center", "middle": "center", "upper": "top", "lower": "bottom", "above": "top",
+          "position": {"centre": "center", "middle": "center", "central": "center", "upper": "top", "lower": "bottom", "above": "top",
                        "below": "bottom"},
           "direction": {"upward": "up", "upwards": "up", "downward": "down", "downwards": "down",
                         "leftward": "left", "rightward": "right", "dropping": "down", "ascending": "up",
@@ -115,6 +134,7 @@ _LEXICON = {
                   **_EXTRA["direction"]},
 }
 _MOTION = re.compile(r"\b(moving|moves|move|going|goes|heading|heads|sliding|slides|drifting|drifts|travel+ing|"
+                     r"gliding|glides|floating|floats|"
                      r"rising|rises|falling|falls|sinking|sinks|climbing|climbs|dropping|drops|ascending|"
                      r"descending)\b")
 

@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import aspect_ratio_to_image_size, parse_vid_size
-from transformer_flow import Model, ModelConfig
-from utils.config import ASPECT_RATIOS, SAMPLING_GROUPS, ConfigError, build_parser, parse_config
+from transformer_flow import KVCache, Model, ModelConfig
+from utils.config import ASPECT_RATIOS, SAMPLING_GROUPS, SELF_DENOISE, ConfigError, build_parser, parse_config
 from utils.decoding import load_plans
 from utils.files import displayed, read_image
 from utils.inference import denoise
@@ -46,12 +46,15 @@ class STARFlowOutput:
     latents: what the flow generated (B, [T'], C, h, w), before self-denoising and decoding.
     fps: the frame rate of the videos (prompt wording and files); seed: the seed of the noise (drawn at random
         when the call gave neither seed, generator nor latents), None otherwise.
+    kv_cache_bytes: what the deep flow block's KV cache holds at the end of sampling (bounded by the sliding
+        window for long videos).
     """
     images: Any = None
     frames: Any = None
     latents: torch.Tensor | None = None
     fps: int | None = None
     seed: int | None = None
+    kv_cache_bytes: int | None = None
 
     def as_uint8(self) -> np.ndarray:
         """The samples of a "pil" output as one array: (B, H, W, 3), or (B, T, H, W, 3) for videos, uint8."""
@@ -285,7 +288,7 @@ class STARFlowPipeline:
                  target_length: int | None = None, fps: int | None = None, image=None,
                  context_length: int | None = None, seed: int | None = None, indices: list[int] | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", noise_std: float | None = None,
-                 self_denoise: bool = True, learnable_denoiser: bool | None = None,
+                 self_denoise: "bool | str | None" = None, learnable_denoiser: bool | None = None,
                  denoising_batch_size: int | None = None, jacobi: bool | None = None,
                  jacobi_block_size: int | None = None, jacobi_th: float | None = None,
                  jacobi_max_iter: int | None = None, guide_top: bool | None = None, attn_temp: float | None = None,
@@ -299,8 +302,8 @@ class STARFlowPipeline:
         image or uint8 array: the first frame of the videos), noise_std = --target_noise_std, learnable_denoiser = not
         --disable_learnable_denoiser, jacobi / jacobi_block_size / jacobi_th / jacobi_max_iter, guide_top,
         attn_temp.  Noise: `latents` (the flow's z), else `generator`, else `seed` (random when None) with sample j
-        drawing from (seed, indices[j]).  `self_denoise=False` skips the Tweedie step (always skipped with a
-        fine-tuned decoder, which takes the noisy latents).  `return_sequence` gives every flow block's output
+        drawing from (seed, indices[j]).  `self_denoise` = --self_denoise: True/"on" runs the Tweedie step before
+        decoding, False/"off" skips it, "auto" runs it unless a fine-tuned decoder takes the noisy latents.  `return_sequence` gives every flow block's output
         side by side (not denoised).  `callback(info)` is called whenever a block's committed tokens advance (see
         Model.reverse).  Raises ConfigError (one line) for settings the model cannot make."""
         args, model, device = self.args, self.model, self.device
@@ -320,6 +323,7 @@ class STARFlowPipeline:
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ConfigError(f"output_type {output_type!r}: one of pil, np, pt, latent")
+        denoising = self.denoises(self_denoise)
         if image is not None and self.trained_frames == 1:
             raise ConfigError("--input_image needs a video model (--vid_size)")
         (h, w), ratio = self.image_size(height, width, aspect_ratio)
@@ -336,7 +340,7 @@ class STARFlowPipeline:
         y = self.encode_prompt(prompts, negatives, guidance, ratio, fps, noise_std)
         y_cond = None if y is None else y[:len(prompts)]
 
-        caches = None
+        caches = [KVCache() for _ in model.blocks]
         if image is not None:
             first = load_first_frame(image, (h, w)).to(device)
             with self._on_device(self.vae):  # the posterior mean: the noise below is the only randomness
@@ -374,7 +378,7 @@ class STARFlowPipeline:
                 pixels = torch.cat([self.decode(s.float()) for s in out], dim=-1)
             else:
                 denoised = final
-                if self_denoise and args.finetuned_vae in (None, "none"):
+                if denoising:
                     learnable = model.config.learnable_self_denoiser and \
                         (not args.disable_learnable_denoiser if learnable_denoiser is None else learnable_denoiser)
                     denoised = denoise(model, final, y_cond, noise_std, learnable,
@@ -385,8 +389,18 @@ class STARFlowPipeline:
             model.blocks[-1].local_attn_window = window
             bar.close()
         key = "frames" if frames > 1 else "images"
+        held = sum(t.untyped_storage().nbytes() for t in caches[0].keys + caches[0].values)  # the deep block's
         return STARFlowOutput(**{key: self._convert(pixels, output_type)}, latents=final,
-                              fps=fps if frames > 1 else None, seed=drawn)
+                              fps=fps if frames > 1 else None, seed=drawn, kv_cache_bytes=held)
+
+    def denoises(self, self_denoise: "bool | str | None" = None) -> bool:
+        """Whether samples are self-denoised before decoding: `self_denoise` (True/False, or "auto", "on", "off";
+        None: the loaded --self_denoise), where "auto" is the official rule (on unless --finetuned_vae is set)."""
+        mode = self.args.self_denoise if self_denoise is None else \
+            {True: "on", False: "off"}.get(self_denoise, self_denoise)
+        if mode not in SELF_DENOISE:
+            raise ConfigError(f"self_denoise {self_denoise!r}: True, False or one of {', '.join(SELF_DENOISE)}")
+        return mode == "on" or (mode == "auto" and self.args.finetuned_vae in (None, "none"))
 
     @staticmethod
     def _stream(seed: int, index: int, like: torch.Tensor) -> torch.Generator:

@@ -26,6 +26,24 @@ TEMPLATES = {  # --caption <name>
 }
 
 
+SOURCE_FILE = "checkpoint.txt"  # in an output folder: the checkpoint whose samples it holds
+
+
+def output_folder(logdir: Path, checkpoint: str) -> Path:
+    """Where a checkpoint's samples go: <logdir>/<its file stem>, unless that folder holds another checkpoint's
+    samples (its SOURCE_FILE names another path: two runs' model.safetensors), then <logdir>/<run folder>-<stem>,
+    then with -2, -3, ...: one checkpoint's samples never overwrite another's."""
+    path = Path(checkpoint).resolve()
+    names = [path.stem, f"{path.parent.name}-{path.stem}"]
+    for k in range(2, 10_000):
+        for name in names if k == 2 else [f"{names[1]}-{k - 1}"]:
+            folder = logdir / name
+            marker = folder / SOURCE_FILE
+            if not marker.is_file() or marker.read_text(encoding="utf-8").strip() == str(path):
+                return folder
+    raise ConfigError(f"--logdir {logdir}: no free folder for the samples of {checkpoint}")
+
+
 def read_captions(args, procs) -> tuple[list[str], str]:
     """All captions of the run (every process sees the same list) and a name for the outputs."""
     if args.caption is None:
@@ -88,7 +106,14 @@ def sample(args):
 
     mine = list(range(procs.rank, len(captions), procs.world_size))
     n_batches = math.ceil(math.ceil(len(captions) / procs.world_size) / args.sample_batch_size)
-    out_dir = Path(args.logdir) / Path(args.checkpoint_path).stem
+    out_dir = output_folder(Path(args.logdir), args.checkpoint_path)
+    procs.barrier()  # every process has chosen before the first one claims the folder
+    if procs.main:
+        if out_dir.name != Path(args.checkpoint_path).stem:
+            print(f"note: {out_dir.parent / Path(args.checkpoint_path).stem} holds another checkpoint's samples; "
+                  f"these go to {out_dir}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SOURCE_FILE).write_text(f"{Path(args.checkpoint_path).resolve()}\n", encoding="utf-8")
     per_caption = bool(args.save_folder) and args.caption.endswith(".txt")
     start = time.perf_counter()
     for b in tqdm(range(n_batches), disable=not procs.main, desc="sampling"):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from transformer_flow import AttentionBlock, MetaBlock, Model, NonCausalBlock
 from utils.config import TRAINING_ONLY_FIELDS, ConfigError, one_line
+from utils.files import plain_mode
 
 
 # ---- processes ----------------------------------------------------------------------------------------------------
@@ -107,9 +108,15 @@ def parallelize(model: Model, procs: Processes, fsdp: bool, bf16: bool, replicat
     denoiser, then the root) over `device_mesh(procs, replicate)` (HSDP when `replicate` > 1), or wrap it in DDP
     without FSDP; one process trains the bare model.  bf16 parameters in compute with fp32 master weights and
     gradient reduction when `bf16`.  Returns what the training step calls (the model itself under FSDP)."""
-    check_replicate(procs, fsdp, replicate)
     if fsdp and procs.world_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        # FSDP2 warns when a wrapped module returns a view (an in-place op on it would skip the all-gather hook):
+        # ours do (MetaBlock.from_seq's .view, the text slice of the joint sequence, unpatchify), and nothing applies
+        # an in-place op to a module's output, so the gradients are exact: tests/test_train.py checks that one FSDP
+        # (and DDP) step on 2 processes equals the single-process step on the same global batch.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                                category=UserWarning)
 
         mesh = device_mesh(procs, replicate)
         # Inputs stay as they are: the rotary tables must not be rounded to bf16 (autocast handles the matmuls).
@@ -388,5 +395,6 @@ def export_weights(model, path: Path, procs: Processes, ema: EMA | None = None, 
         except (OSError, RuntimeError) as err:  # a full disk: the previous file stays
             tmp.unlink(missing_ok=True)
             raise CheckpointError(f"{path}: the weights could not be written ({one_line(err)})") from None
+        plain_mode(tmp)
         os.replace(tmp, path)
     procs.barrier()
