@@ -66,11 +66,12 @@ def largest_blob(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def shape_mask(pixels: np.ndarray) -> np.ndarray:
-    """Mask (H, W) of the shape in an image (H, W, 3) uint8: the largest blob of clearly non-white pixels, cut at
-    half its typical ink so that edges smeared by blur or video compression count as half in, half out."""
+def shape_mask(pixels: np.ndarray, blob: np.ndarray | None = None) -> np.ndarray:
+    """Mask (H, W) of the shape in an image (H, W, 3) uint8: the largest blob of clearly non-white pixels (`blob`,
+    when the caller has it), cut at half its typical ink so that edges smeared by blur or video compression count as
+    half in, half out."""
     amount = ink(pixels)
-    blob = largest_blob(amount > INK)
+    blob = largest_blob(amount > INK) if blob is None else blob
     if not blob.any():
         return blob
     return largest_blob(blob & (amount > 0.5 * np.percentile(amount[blob], 90)))
@@ -85,13 +86,11 @@ def nearest_color(rgb: np.ndarray) -> str:
     return min(COLORS, key=distance)
 
 
-def wrap_shift(pixels: np.ndarray) -> tuple[int, int]:
+def wrap_shift(inked: np.ndarray, blob: np.ndarray) -> tuple[int, int]:
     """(dy, dx): the roll that makes a shape cut by the frame's edges whole again.  A video whose shape wraps around
     the frame (dataset.render_shape's motion "wrap") shows it in two parts at opposite edges; the roll moves the
-    widest run of empty rows / columns to the edges.  (0, 0) when the largest blob touches no edge, or the
-    opposite edge holds no ink."""
-    inked = ink(pixels) > INK
-    blob = largest_blob(inked)
+    widest run of empty rows / columns to the edges.  `inked` (H, W): the clearly non-white pixels; `blob`: their
+    largest blob.  (0, 0) when the blob touches no edge, or the opposite edge holds no ink."""
     if not blob.any():
         return 0, 0
 
@@ -118,14 +117,16 @@ def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
     """Attributes of the shape in one image (H, W, 3) uint8: color, shape, size, position, and its centre (x, y) in
     pixels. Every value is None when the image holds no shape.  A shape cut by the edges (a wrapping video) is
     measured whole (wrap_shift); its centre is given back in the frame's coordinates."""
-    dy, dx = wrap_shift(pixels) if wrap else (0, 0)
+    inked = ink(pixels) > INK
+    blob = largest_blob(inked)  # shared by the wrap test and the mask: the blob search is the slow part
+    dy, dx = wrap_shift(inked, blob) if wrap else (0, 0)
     if dy or dx:
         found = measure_image(np.roll(pixels, (dy, dx), axis=(0, 1)), wrap=False)
         if found["center"] is not None:
             h, w = pixels.shape[:2]
             found["center"] = ((found["center"][0] - dx) % w, (found["center"][1] - dy) % h)
         return found
-    mask = shape_mask(pixels)
+    mask = shape_mask(pixels, blob)
     if not mask.any():
         return dict(color=None, shape=None, size=None, position=None, center=None)
     side, unit = pixels.shape[1], pixels.shape[1] / 32

@@ -2,6 +2,7 @@
 
 `sample(args)` runs a whole sample.py command line (parsed by utils.config with SAMPLING_GROUPS).
 """
+import itertools
 import math
 import time
 from pathlib import Path
@@ -34,13 +35,11 @@ def output_folder(logdir: Path, checkpoint: str) -> Path:
     samples (its SOURCE_FILE names another path: two runs' model.safetensors), then <logdir>/<run folder>-<stem>,
     then with -2, -3, ...: one checkpoint's samples never overwrite another's."""
     path = Path(checkpoint).resolve()
-    names = [path.stem, f"{path.parent.name}-{path.stem}"]
-    for k in range(2, 10_000):
-        for name in names if k == 2 else [f"{names[1]}-{k - 1}"]:
-            folder = logdir / name
-            marker = folder / SOURCE_FILE
-            if not marker.is_file() or marker.read_text(encoding="utf-8").strip() == str(path):
-                return folder
+    run = f"{path.parent.name}-{path.stem}"
+    for name in itertools.chain([path.stem, run], (f"{run}-{k}" for k in range(2, 10_000))):
+        marker = logdir / name / SOURCE_FILE
+        if not marker.is_file() or marker.read_text(encoding="utf-8").strip() == str(path):
+            return logdir / name
     raise ConfigError(f"--logdir {logdir}: no free folder for the samples of {checkpoint}")
 
 
