@@ -144,11 +144,20 @@ SEQUENTIAL = BlockDecoding()
 OFFICIAL_JACOBI = BlockDecoding(window=64, threshold=5e-3, max_iter=32)  # the official sample.py defaults
 
 
-def default_plan(model: "Model") -> list[BlockDecoding]:
-    """The decoding of a model that has no calibrated plan: 64-token Jacobi windows in the shallow blocks (on trained
-    models they converge in a few sweeps) and 16-token windows in the deep block, whose tokens depend most on each
-    other.  Random-weight models would prefer wider windows everywhere; calibrate (`utils.decoding`) for the best."""
-    deep = BlockDecoding(window=16, threshold=1e-3)
+def default_plan(model: "Model", device_type: str | None = None) -> list[BlockDecoding]:
+    """The decoding of a model that has no calibrated plan for its device type (default: where its weights are).
+
+    CPU: 64-token Jacobi windows in the shallow blocks (on trained models they converge in a few sweeps) and 16-token
+    windows in the deep block, whose tokens depend most on each other.  CUDA: one Jacobi iteration over 64 tokens
+    costs about what one sequential token does (kernel launches dominate at these sizes), so 64-token windows in
+    every block, the deep block at threshold 1e-4 (on an H200, batch 4, the bundled models' deep blocks so decode
+    1.2x (image) and 2.2x (video) faster than at window 16 and threshold 1e-3, at a third and a ninth of the error).
+    Calibrate (`utils.decoding`) for the best plan of a model and device."""
+    device_type = device_type or next(model.parameters()).device.type
+    if device_type == "cuda":
+        deep = BlockDecoding(window=64, threshold=1e-4)
+    else:
+        deep = BlockDecoding(window=16, threshold=1e-3)
     return [BlockDecoding(window=64, threshold=1e-3)] * (len(model.blocks) - 1) + [deep]
 
 
@@ -566,9 +575,10 @@ class MetaBlock(Transformer):
         """How many leading tokens of each sample's window are final (at least 1, none for a finished sample).
         pos, valid: (S, width) slots of each sample in this call, and which of them are in its own window."""
         S, width = pos.shape
-        per_sample = lambda t: t.view(groups, S, width).mean(0).cpu()
-        change = per_sample((new - old).square().mean(2))
-        scale = (per_sample(new.square().mean(2)) * valid).sum(1) / valid.sum(1).clamp(min=1)
+        # one device-to-host copy per iteration: the squared changes and squares, (2, S, width)
+        both = torch.stack([(new - old).square().mean(2), new.square().mean(2)]).view(2, groups, S, width)
+        change, square = both.float().mean(1).cpu()
+        scale = (square * valid).sum(1) / valid.sum(1).clamp(min=1)
         computed.scatter_add_(1, pos, valid.long())
         settled = (change[:, :-1] < decoding.threshold * scale[:, None]) | \
             (computed.gather(1, pos[:, 1:]) >= decoding.max_iter)

@@ -222,7 +222,7 @@ def checkpoint_benchmark(args, device):
         assert not unexpected and all(k.split(".")[-1] in ("var", "attn_mask", "freqs_cos", "freqs_sin")
                                       for k in missing), (missing, unexpected)
         reference.to(device).eval()
-        _official_process_group()
+        _official_process_group(device)
         block = args.jacobi_block_size or (32 if video else 16)  # the official example scripts' settings
         settings = dict(jacobi=True, jacobi_block_size=block, jacobi_th=args.jacobi_th,
                         jacobi_max_iter=args.jacobi_max_iter)
@@ -303,12 +303,14 @@ def read_captions(path: Path) -> list[str]:
     return captions
 
 
-def _official_process_group():
-    """The official Jacobi all-reduces on every iteration: it needs a process group, even for one process."""
+def _official_process_group(device: torch.device):
+    """The official Jacobi all-reduces on every iteration: it needs a process group, even for one process (NCCL on
+    CUDA, as the official torchrun scripts run it; gloo on the CPU)."""
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=0, world_size=1)
 
 
 def main(argv=None):
@@ -366,7 +368,7 @@ def main(argv=None):
                                       for k in missing), (missing, unexpected)
         load_official_state_dict(ours, reference.state_dict())  # and back through the official checkpoint loader
         reference.to(device).eval()
-        _official_process_group()
+        _official_process_group(device)
 
     g = torch.Generator().manual_seed(1)
     shape = (args.batch, args.latent_channels, args.latent_size, args.latent_size)
@@ -415,4 +417,8 @@ if __name__ == "__main__":
     from utils.config import run_cli
 
     with contextlib.suppress(KeyboardInterrupt):
-        run_cli(main)
+        try:
+            run_cli(main)
+        finally:
+            if torch.distributed.is_initialized():  # the official side's process group
+                torch.distributed.destroy_process_group()

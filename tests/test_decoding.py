@@ -20,7 +20,9 @@ def guided_inputs(batch=3, seed=1):
 def test_plan_precedence():
     model = tiny_model(**IMAGE)
     jacobi = BlockDecoding(window=8, threshold=1e-4)
-    assert model.decoding_plan() == default_plan(model)
+    assert model.decoding_plan() == default_plan(model) == default_plan(model, "cpu")
+    assert [d.window for d in default_plan(model)] == [64, 64, 16]  # the deep block: narrower windows on the CPU
+    assert default_plan(model, "cuda") == [BlockDecoding(64, 1e-3)] * 2 + [BlockDecoding(64, 1e-4)]
     model.decoding = {4: [jacobi, SEQUENTIAL, jacobi], 32: [SEQUENTIAL] * 3}  # plans by calibration batch size
     assert model.decoding_plan() == [jacobi, SEQUENTIAL, jacobi]  # the calibrated plan nearest the batch
     assert model.decoding_plan(batch=10) == [jacobi, SEQUENTIAL, jacobi]
