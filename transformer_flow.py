@@ -322,6 +322,17 @@ class AttentionBlock(nn.Module):
         return x + (checkpoint(self.mlp, x, use_reentrant=False) if ckpt_mlp else self.mlp(x))
 
 
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean attention mask (..., L, S) -> the same mask as an additive bias (0 where allowed, -inf elsewhere).
+
+    Built once per call for all layers: given a boolean mask, scaled_dot_product_attention converts it to a bias
+    (and CUDA's memory-efficient kernel pads its rows to a multiple of 16) in every layer.  The bias is a view of
+    rows already padded to a multiple of 16 elements, which the kernel reads in place."""
+    S = allowed.size(-1)
+    bias = torch.full((*allowed.shape[:-1], -(-S // 16) * 16), -math.inf, dtype=dtype, device=allowed.device)
+    return bias[..., :S].masked_fill_(allowed, 0.0)
+
+
 class Transformer(nn.Module):
     """proj_in -> [text prefix] -> layers -> final norm -> proj_out: the trunk shared by flow blocks and denoiser."""
 
@@ -361,14 +372,16 @@ class Transformer(nn.Module):
                 rope = rope_rotation(rope[0][start:start + h.size(1)], rope[1][start:start + h.size(1)],
                                      self.hf_style_rope)
             if causal and mask is None and start > 0 and h.size(1) > 1:  # queries follow a cached prefix
-                mask = torch.ones(h.size(1), start + h.size(1), dtype=torch.bool, device=h.device).tril(diagonal=start)
+                mask = attention_bias(torch.ones(h.size(1), start + h.size(1), dtype=torch.bool,
+                                                 device=h.device).tril(diagonal=start), h.dtype)
         else:
             end = int(slots.max()) + 1
             if rope is not None:  # slots past the end of the tables are padding, whose outputs are never used
                 table = slots.clamp(max=rope[0].size(0) - 1).to(h.device)
                 rope = rope_rotation(rope[0][table], rope[1][table], self.hf_style_rope)
             slots = Slots(slots.to(h.device), end)
-            mask = (torch.arange(end, device=h.device) <= slots.index[..., None]).unsqueeze(1)  # (B, 1, L, end)
+            mask = attention_bias((torch.arange(end, device=h.device) <= slots.index[..., None]).unsqueeze(1),
+                                  h.dtype)  # (B, 1, L, end)
         for i, layer in enumerate(self.attn_blocks):
             ckpt_attn, ckpt_mlp = self.ckpt[i] if self.training else (False, False)
             h = layer(h, rope, cache, i, causal, mask, temp, ckpt_attn, ckpt_mlp, slots)
