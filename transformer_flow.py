@@ -150,8 +150,9 @@ def default_plan(model: "Model", device_type: str | None = None) -> list[BlockDe
     CPU: 64-token Jacobi windows in the shallow blocks (on trained models they converge in a few sweeps) and 16-token
     windows in the deep block, whose tokens depend most on each other.  CUDA: one Jacobi iteration over 64 tokens
     costs about what one sequential token does (kernel launches dominate at these sizes), so 64-token windows in
-    every block, the deep block at threshold 1e-4 (on an H200, batch 4, the bundled models' deep blocks so decode
-    1.2x (image) and 2.2x (video) faster than at window 16 and threshold 1e-3, at a third and a ninth of the error).
+    every block, the deep block at threshold 1e-4 (on an H200, batch 4, eager sweeps, the bundled models' deep blocks
+    so decode 1.2x (image) and 2.2x (video) faster than at window 16 and threshold 1e-3, at a third and a ninth of the
+    error; random weights, with CUDA graphs: 0.16x the official Jacobi time).
     Calibrate (`utils.decoding`) for the best plan of a model and device."""
     device_type = device_type or next(model.parameters()).device.type
     if device_type == "cuda":
@@ -360,7 +361,8 @@ class Transformer(nn.Module):
         """x: (B, L, Cin) input tokens, y: (B, Ly, txt_dim) text or None, placed first; rope: (cos, sin) tables of
         every cache slot.  Returns the hidden states (B, L, C) of x and (B, Ly, C) of y, final-normed; with a cache,
         their K/V are appended to it, or, with `slots` (B, L) of cache positions on the CPU and no text, written
-        there row by row, each query attending to the slots up to its own."""
+        there row by row, each query attending to the slots up to its own (or `Slots` already on the device, whose
+        `end` is the number of cache slots read: no host synchronisation, as a CUDA graph needs)."""
         h = self.proj_in(x.to(self.proj_in.weight.dtype))
         n_txt = 0
         if y is not None:
@@ -375,12 +377,12 @@ class Transformer(nn.Module):
                 mask = attention_bias(torch.ones(h.size(1), start + h.size(1), dtype=torch.bool,
                                                  device=h.device).tril(diagonal=start), h.dtype)
         else:
-            end = int(slots.max()) + 1
+            if not isinstance(slots, Slots):
+                slots = Slots(slots.to(h.device), int(slots.max()) + 1)
             if rope is not None:  # slots past the end of the tables are padding, whose outputs are never used
-                table = slots.clamp(max=rope[0].size(0) - 1).to(h.device)
+                table = slots.index.clamp(max=rope[0].size(0) - 1)
                 rope = rope_rotation(rope[0][table], rope[1][table], self.hf_style_rope)
-            slots = Slots(slots.to(h.device), end)
-            mask = attention_bias((torch.arange(end, device=h.device) <= slots.index[..., None]).unsqueeze(1),
+            mask = attention_bias((torch.arange(slots.end, device=h.device) <= slots.index[..., None]).unsqueeze(1),
                                   h.dtype)  # (B, 1, L, end)
         for i, layer in enumerate(self.attn_blocks):
             ckpt_attn, ckpt_mlp = self.ckpt[i] if self.training else (False, False)
@@ -411,6 +413,67 @@ def guide(mu: torch.Tensor, sigma: torch.Tensor, w: float) -> tuple[torch.Tensor
     d = 1 + w - w * s
     mu, sigma = ((1 + w) * mu_c - (w * s) * mu_u) / d, sigma_c / d.sqrt()
     return torch.cat([mu, mu]), torch.cat([sigma, sigma])
+
+
+STATIC_SWEEP_DEVICES = ("cuda",)  # device types whose Jacobi sweeps run as fixed-shape calls (CUDA graphs)
+
+
+class StaticSweep:
+    """One Jacobi sweep of a fixed width over windows whose positions live on the device (`MetaBlock._decode`).
+
+    Gathers every row's window of guesses, runs the block over it (each row writes its keys and values at its own
+    cache slots and attends to all `cache.capacity` slots under its mask), updates the guesses of each sample's own
+    window in place and leaves the per-token squared changes and squares that decide which tokens settle.  Nothing
+    in it waits for the host, so on CUDA the first sweep of a shape runs eagerly (and sizes the KV cache for good),
+    the second is captured as a CUDA graph, and every later one replays it: on an H200 one 64-token sweep of the
+    bundled video model's deep block takes 6.3 ms eagerly, kernel launches dominating, and 0.70 ms replayed, with
+    the same outputs.  `__call__(pos, slots, valid)` takes CPU tensors (S, W): each sample's token positions, their
+    cache slots, and which are in its window; returns (change, square), (S, W) on the CPU.
+    """
+
+    def __init__(self, block: "MetaBlock", xs, noise, rope, cache: KVCache, samples: int, groups: int, width: int,
+                 guidance: float, temp: float):
+        self.block, self.xs, self.noise, self.rope, self.cache = block, xs, noise, rope, cache
+        self.groups, self.guidance, self.temp = groups, guidance, temp
+        self.pos = torch.zeros(samples, width, dtype=torch.long, device=xs.device)
+        self.slots = torch.zeros_like(self.pos)
+        self.valid = torch.zeros(samples, width, dtype=torch.bool, device=xs.device)
+        self.stats, self.graph, self.calls = None, None, 0
+
+    def _body(self):
+        S, W = self.pos.shape
+        rows = lambda t: t.repeat(self.groups, 1)
+        index = rows(self.pos)[..., None].expand(-1, -1, self.xs.size(-1))
+        x, old, z = self.xs.gather(1, index), self.xs.gather(1, index + 1), self.noise.gather(1, index)
+        slots = Slots(rows(self.slots), self.cache.capacity)
+        h, _ = self.block.run(x, None, self.rope, self.cache, temp=self.temp, slots=slots)
+        mu, sigma = self.block.params(h, self.guidance)
+        new = mu + sigma * z
+        self.xs.scatter_(1, index + 1, torch.where(rows(self.valid)[..., None], new, old))
+        squares = torch.stack([(new - old).square().mean(2), new.square().mean(2)])
+        self.stats = squares.view(2, self.groups, S, W).float().mean(1)
+
+    def __call__(self, pos, slots, valid):
+        self.pos.copy_(pos)
+        self.slots.copy_(slots)
+        self.valid.copy_(valid)
+        if self.xs.device.type != "cuda":
+            self._body()
+        elif self.calls == 0:  # eagerly, on a side stream as graph capture wants its warm-up
+            side = torch.cuda.Stream(self.xs.device)
+            side.wait_stream(torch.cuda.current_stream(self.xs.device))
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream(self.xs.device).wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self._body()
+            self.graph.replay()
+        self.calls += 1
+        change, square = self.stats.cpu()
+        return change, square
 
 
 class MetaBlock(Transformer):
@@ -526,6 +589,8 @@ class MetaBlock(Transformer):
         computed = torch.zeros(S, n_slots + pad, dtype=torch.long)  # Jacobi iterations of each slot
         rows = lambda t: t.repeat(groups, *[1] * (t.dim() - 1))  # per-sample values -> per-row values
         bar = tqdm(total=n_slots, initial=first, disable=not verbose, desc="decoding", leave=False)
+        static = xs.device.type in STATIC_SWEEP_DEVICES and not torch.is_autocast_enabled(xs.device.type)
+        sweeps: dict[int, StaticSweep] = {}  # by width
         while True:
             while bool((start < target).any()):
                 size = torch.where(start > frame, decoding.later_window, decoding.window)
@@ -534,28 +599,38 @@ class MetaBlock(Transformer):
                 if width > 1 and frame < n_slots:  # sequential decoding never reads a guess
                     self._guess_from_previous_frame(xs, end, seen, frame, S)
                     seen = torch.maximum(seen, end)
-                uniform = bool((start == start[0]).all())
-                if width > 1 or not uniform:  # Jacobi: each sample's slots in this call, and its own window in them
-                    pos = start[:, None] + torch.arange(width)  # (S, width)
+                if width > 1 and static:  # a fixed-shape sweep: the widest window of the batch, unclamped
+                    W = int(size.max())
+                    pos = start[:, None] + torch.arange(W)
                     valid = pos < end[:, None]
-                if uniform:  # one slice for the whole batch
-                    s0 = int(start[0])
-                    cache.truncate(n_txt + s0 - origin)
-                    h, _ = self.run(xs[:, s0:s0 + width], None, rope, cache, temp=temp)
-                    old, z = xs[:, s0 + 1:s0 + 1 + width], noise[:, s0:s0 + width]
-                    index = None
-                else:  # every sample at its own frontier
-                    index = rows(pos).to(xs.device)[..., None].expand(-1, -1, C)
-                    h, _ = self.run(xs.gather(1, index), None, rope, cache, temp=temp, slots=rows(n_txt - origin + pos))
-                    old, z = xs.gather(1, index + 1), noise.gather(1, index)
-                mu, sigma = self.params(h, guidance)
-                new = mu + sigma * z
-                # sequential decoding: every token is final
-                keep = end - start if width == 1 else self._settled(new, old, pos, valid, computed, decoding, groups)
-                if index is None:
-                    xs[:, s0 + 1:s0 + 1 + width] = new
+                    if W not in sweeps:
+                        sweeps[W] = StaticSweep(self, xs, noise, rope, cache, S, groups, W, guidance, temp)
+                    change, square = sweeps[W](pos, n_txt - origin + pos, valid)
+                    keep = self._keep(change, square, pos, valid, computed, decoding)
+                    cache.length = max(cache.length, n_txt - origin + int(pos.max()) + 1)  # as a ragged call leaves it
                 else:
-                    xs.scatter_(1, index + 1, torch.where(rows(valid).to(xs.device)[..., None], new, old))
+                    uniform = bool((start == start[0]).all())
+                    if width > 1 or not uniform:  # Jacobi: each sample's slots in this call, and its own window in them
+                        pos = start[:, None] + torch.arange(width)  # (S, width)
+                        valid = pos < end[:, None]
+                    if uniform:  # one slice for the whole batch
+                        s0 = int(start[0])
+                        cache.truncate(n_txt + s0 - origin)
+                        h, _ = self.run(xs[:, s0:s0 + width], None, rope, cache, temp=temp)
+                        old, z = xs[:, s0 + 1:s0 + 1 + width], noise[:, s0:s0 + width]
+                        index = None
+                    else:  # every sample at its own frontier
+                        index = rows(pos).to(xs.device)[..., None].expand(-1, -1, C)
+                        h, _ = self.run(xs.gather(1, index), None, rope, cache, temp=temp, slots=rows(n_txt - origin + pos))
+                        old, z = xs.gather(1, index + 1), noise.gather(1, index)
+                    mu, sigma = self.params(h, guidance)
+                    new = mu + sigma * z
+                    # sequential decoding: every token is final
+                    keep = end - start if width == 1 else self._settled(new, old, pos, valid, computed, decoding, groups)
+                    if index is None:
+                        xs[:, s0 + 1:s0 + 1 + width] = new
+                    else:
+                        xs.scatter_(1, index + 1, torch.where(rows(valid).to(xs.device)[..., None], new, old))
                 before = int(start.min())
                 start += keep
                 if int(start.min()) > before:
@@ -591,6 +666,11 @@ class MetaBlock(Transformer):
         # one device-to-host copy per iteration: the squared changes and squares, (2, S, width)
         both = torch.stack([(new - old).square().mean(2), new.square().mean(2)]).view(2, groups, S, width)
         change, square = both.float().mean(1).cpu()
+        return MetaBlock._keep(change, square, pos, valid, computed, decoding)
+
+    @staticmethod
+    def _keep(change, square, pos, valid, computed, decoding):
+        """`_settled` from the per-token squared changes and squares of new guesses (S, width), on the CPU."""
         scale = (square * valid).sum(1) / valid.sum(1).clamp(min=1)
         computed.scatter_add_(1, pos, valid.long())
         settled = (change[:, :-1] < decoding.threshold * scale[:, None]) | \

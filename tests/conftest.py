@@ -15,6 +15,16 @@ VIDEO = dict(IMAGE, img_size=4, top_block_channels=96, temporal_causal=2, shallo
              learnable_self_denoiser=1, conditional_denoiser=1, denoiser_window=2)
 
 
+@pytest.fixture(params=["dynamic", "static"])
+def sweeps(request, monkeypatch):
+    """Run a test with both kinds of Jacobi sweep: "dynamic" (the CPU's: slices and gathers of the current widths)
+    and "static" (CUDA's, replayed there as CUDA graphs: fixed widths over positions held on the device)."""
+    import transformer_flow
+
+    monkeypatch.setattr(transformer_flow, "STATIC_SWEEP_DEVICES", ("cpu",) if request.param == "static" else ())
+    return request.param
+
+
 def tiny_model(seed=0, **kwargs) -> Model:
     torch.manual_seed(seed)
     return randomize_weights(Model(**kwargs), seed, scale=0.5).eval()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import IMAGE, tiny_model
+from conftest import IMAGE, VIDEO, tiny_model
 
 from transformer_flow import OFFICIAL_JACOBI, SEQUENTIAL, BlockDecoding, default_plan
 from utils.decoding import calibrate, choose, load_plans, plan_path, relative_error, save_plan
@@ -106,3 +106,26 @@ def test_calibration_keeps_sequential_decoding_where_jacobi_does_not_pay():
     plan, report = calibrate(model, z, y, guidance=1.5, repeats=1, margin=0.999, verbose=False)
     assert plan == [SEQUENTIAL] * 3
     assert report["measured"]["error"] == 0.0
+
+
+@pytest.mark.parametrize("config", ["image", "video"])
+def test_static_sweeps_decode_as_dynamic_ones_and_do_not_depend_on_the_batch(config, monkeypatch):
+    """CUDA's fixed-shape sweeps (transformer_flow.StaticSweep, captured as CUDA graphs there) run here eagerly: the
+    same samples as the CPU's sweeps, ragged frontiers, mixed first-frame and later windows and a batch included."""
+    import transformer_flow
+
+    video = config == "video"
+    model = tiny_model(**(VIDEO if video else IMAGE))
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, *((3, 4, 4, 4) if video else (4, 8, 8)), generator=g)
+    y = torch.randn(6, 6, 16, generator=g)
+    plan = [BlockDecoding(window=4, threshold=1e-3, frame_window=16)] * len(model.blocks)
+    out = {}
+    for kind, devices in (("dynamic", ()), ("static", ("cpu",))):
+        monkeypatch.setattr(transformer_flow, "STATIC_SWEEP_DEVICES", devices)
+        out[kind] = model.reverse(z, y, guidance=2.0, decoding=plan)
+        alone = model.reverse(z[1:2], y[[1, 4]], guidance=2.0, decoding=plan)
+        torch.testing.assert_close(alone, out[kind][1:2], atol=1e-5, rtol=0)
+    assert relative_error(out["static"], out["dynamic"]) < 1e-5
+    exact = model.reverse(z, y, guidance=2.0, jacobi=False)
+    assert relative_error(out["static"], exact) < 2e-2

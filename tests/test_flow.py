@@ -127,7 +127,7 @@ def test_vanishing_guidance_equals_conditional_model():
 
 
 @pytest.mark.parametrize("guidance", [0.0, 1.5])
-def test_prefilled_context_equals_whole_sequence(guidance):
+def test_prefilled_context_equals_whole_sequence(guidance, sweeps):
     model = tiny_model(**VIDEO)
     z, y = inputs(VIDEO_SHAPE, guided=guidance > 0)
     whole = model.reverse(z, y, guidance=guidance, jacobi=False)
@@ -138,7 +138,7 @@ def test_prefilled_context_equals_whole_sequence(guidance):
         torch.testing.assert_close(cont, whole, atol=1e-4, rtol=0)
 
 
-def test_windowed_jacobi_equals_windowed_sequential():
+def test_windowed_jacobi_equals_windowed_sequential(sweeps):
     model = tiny_model(**dict(VIDEO, local_attn_window=2))
     z, y = inputs((5, 4, 4, 4), guided=True)
     seq = model.reverse(z, y, guidance=1.5, jacobi=False, context_length=1)
