@@ -168,6 +168,19 @@ def check_decoder_finetuning(block, out, root):
     assert (root / "logs" / "shapes_ae" / "noisy_decoder" / "decoder.safetensors").is_file()
 
 
+def check_likelihood(block, out, root):
+    import json
+
+    lines = (root / "outputs" / "likelihood.jsonl").read_text().splitlines()
+    records = {Path(r["input"]).name: r for r in map(json.loads, lines)}
+    plain, black = records["red_circle.png"], records["red_circle_on_black.png"]
+    stated = re.findall(r"([\d.]+) bits/dim", block.text)  # as the README's comment says them
+    assert [f"{plain['bits_per_dim']:.2f}", f"{plain['candidates'][0]['bits_per_dim']:.2f}",
+            f"{black['bits_per_dim']:.2f}"] == stated, (stated, records)
+    assert plain["best"] == "a large red circle on the left"
+    assert (root / "outputs" / "likelihood" / "red_circle_on_black-nll.png").is_file()
+
+
 def check_model_snippet(block, out, root):
     assert out.returncode == 0
 
@@ -182,6 +195,7 @@ RUN = {
     "python sample.py --checkpoint_path ckpts/starflow_shapes_t2i_32x32.safetensors --caption captions.txt": check_calibration,
     "from utils.pipeline import STARFlowPipeline": check_pipeline,
     "python finetune_decoder.py --train_autoencoder 1": check_decoder_finetuning,
+    "python -m scripts.likelihood --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --inputs": check_likelihood,
     "import torch": check_model_snippet,
 }
 COVERED = {  # block -> the tests that run its commands (the suite itself, servers)

@@ -1,0 +1,101 @@
+"""scripts/likelihood.py on the bundled image model: exact NLL equal to the training loss, deterministic whatever the
+batch, per-token maps that add up to it, zero-shot ranking, files written, one-line errors."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_error
+from PIL import Image
+
+from dataset import render_shape
+from scripts import likelihood
+
+IMAGE_CKPT = "ckpts/starflow_shapes_t2i_32x32.safetensors"
+SHAPES = [dict(color="red", shape="circle", size="large", position="left"),
+          dict(color="blue", shape="square", size="small", position="right"),
+          dict(color="yellow", shape="triangle", size="large", position="top")]
+CAPTIONS = ["a large red circle on the left", "a small blue square on the right", "a large yellow triangle at the top"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from utils.pipeline import STARFlowPipeline
+
+    return STARFlowPipeline.from_pretrained(IMAGE_CKPT, device="cpu")
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, attrs in enumerate(SHAPES):
+        Image.fromarray(render_shape(**attrs)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_nll_is_the_training_loss_and_does_not_depend_on_the_batch(pipe, images):
+    scorer = likelihood.Scorer(pipe, draws=2, seed=3)
+    files = sorted(images.glob("*.png"))
+    pixels, _ = likelihood.load_pixels(files, pipe, np.random.default_rng(0))
+    x = scorer.latents(pixels, [0, 1, 2])
+    result = scorer.score(x, CAPTIONS, tokens=True)
+    (_, _), ratio = pipe.image_size()
+    _, fps, noise_std = pipe.resolve()
+    y = pipe.encode_prompt(CAPTIONS, None, 0.0, ratio, fps, noise_std)
+    losses = []
+    for draw in x:  # Model.get_loss: per-dimension NLL without the Gaussian constant, averaged over the batch
+        with torch.no_grad():
+            z, _, _, logdets = pipe.model(draw, y)
+        losses.append(pipe.model.get_loss(z, logdets)["loss"].item())
+    per_dim = result["bits_per_dim"] * math.log(2) - 0.5 * math.log(2 * math.pi)
+    assert per_dim.mean().item() == pytest.approx(np.mean(losses), abs=1e-5)
+    assert torch.allclose(result["nll"], result["prior"] + result["blocks"].sum(1))
+    assert torch.allclose(result["tokens"].flatten(1).sum(1), result["nll"], rtol=1e-5)  # the heatmap adds up
+    # the same numbers one input at a time, with other inputs beside them, and again
+    records = [likelihood.score_files(scorer, files, [0, 1, 2], CAPTIONS, None, batch, None, False)
+               for batch in (3, 1, 3)]
+    assert records[0] == records[2]
+    for a, b in zip(records[0], records[1]):
+        assert a["bits_per_dim"] == pytest.approx(b["bits_per_dim"], abs=1e-5)
+    # the right caption explains an image better than another's
+    crossed = scorer.score(x, CAPTIONS[1:] + CAPTIONS[:1])["bits_per_dim"]
+    assert (result["bits_per_dim"] < crossed).all()
+
+
+def test_cli_ranks_candidates_and_writes_scores_and_heatmaps(images, tmp_path):
+    candidates = tmp_path / "candidates.txt"
+    candidates.write_text("\n".join(reversed(CAPTIONS)) + "\n")
+    out, maps = tmp_path / "scores.jsonl", tmp_path / "maps"
+    likelihood.main(["--checkpoint", IMAGE_CKPT, "--inputs", str(images), "--candidates", str(candidates),
+                     "--draws", "1", "--heatmaps", str(maps), "--output", str(out), "--device", "cpu"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["best"] for r in records] == CAPTIONS
+    assert all(len(r["blocks_nats"]) == 3 and r["draws"] == 1 for r in records)
+    picture = Image.open(records[0]["heatmap"])
+    assert picture.size == ((2 * 32 + 2) * 8, 32 * 8)  # the input beside its map, 8x
+    left = np.asarray(picture)[:, : 32 * 8]
+    assert (np.abs(left[::8, ::8].astype(int) - render_shape(**SHAPES[0])).max()) <= 1  # the input as scored
+
+
+def test_bad_input_is_one_line(images, tmp_path):
+    base = ["--checkpoint", IMAGE_CKPT, "--device", "cpu"]
+    code, err = cli_error(likelihood.main, base + ["--inputs", str(tmp_path / "missing.png")])
+    assert code == 2 and err.strip() == f"error: --inputs {tmp_path / 'missing.png'}: no such file or folder"
+    captions = tmp_path / "two.txt"
+    captions.write_text("a\nb\n")
+    code, err = cli_error(likelihood.main, base + ["--inputs", str(images), "--captions", str(captions)])
+    last = err.strip().splitlines()[-1]  # (after the text encoder's loading bar)
+    assert code == 2 and last == f"error: --captions {captions}: 2 captions for 3 inputs" and "Traceback" not in err
+    code, err = cli_error(likelihood.main, base + ["--inputs", str(images), "--draws", "0"])
+    assert code == 2 and err.strip().splitlines()[-1] == "error: --draws 0: must be at least 1"
+
+
+@pytest.mark.slow
+def test_in_distribution_scores_lower_and_zero_shot_classification(pipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = likelihood.shapes_eval(likelihood.Scorer(pipe, draws=1), 18, tmp_path / "eval", 18)
+    below = int(report.split("below the OOD median: ")[1].split("/")[0])
+    right = int(report.split("grammar captions): ")[1].split("/")[0])
+    assert below == 18 and right >= 16, report
