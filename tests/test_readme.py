@@ -181,6 +181,14 @@ def check_likelihood(block, out, root):
     assert (root / "outputs" / "likelihood" / "red_circle_on_black-nll.png").is_file()
 
 
+def check_editing(block, out, root):
+    stated = re.search(r"reconstruction \(same caption\): ([\d.]+) dB", block.text).group(1)
+    assert f"reconstruction (same caption): {stated} dB PSNR" in out.stdout, out.stdout
+    edits = [shapes_of(root / "outputs" / "edit" / f"red_circle-edit-{k}.png")[0] for k in range(3)]
+    assert [(e["color"], e["shape"], e["position"]) for e in edits] == \
+        [("blue", "circle", "left"), ("red", "square", "left"), ("red", "circle", "right")], edits
+
+
 def check_model_snippet(block, out, root):
     assert out.returncode == 0
 
@@ -196,6 +204,7 @@ RUN = {
     "from utils.pipeline import STARFlowPipeline": check_pipeline,
     "python finetune_decoder.py --train_autoencoder 1": check_decoder_finetuning,
     "python -m scripts.likelihood --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --inputs": check_likelihood,
+    "python -m scripts.edit --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --input_image": check_editing,
     "import torch": check_model_snippet,
 }
 COVERED = {  # block -> the tests that run its commands (the suite itself, servers)

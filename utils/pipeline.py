@@ -270,6 +270,37 @@ class STARFlowPipeline:
             return self.text_encoder(prompts, self.device, aspect_ratio=aspect_ratio, fps=fps, noise_std=noise_std,
                                      unconditional=unconditional)
 
+    @torch.no_grad()
+    def invert(self, images, prompt: "str | list[str]", height: int | None = None, width: int | None = None,
+               aspect_ratio: str | None = None) -> torch.Tensor:
+        """The flow's Gaussian z of real images (image models): each picture (path, PIL image or uint8 array; one or
+        a list), center-cropped to the model's size, through the VAE (its posterior mean: no noise, so the inverse
+        is exact) and the flow's forward pass under its `prompt` (one for all, or one per image; unguided).
+
+        `pipe(prompt, latents=z, guidance_scale=0, self_denoise=False)` gives the images back up to the VAE; another
+        prompt edits them, keeping what it does not change (training-free editing, STARFlow paper sec. 4).  Returns
+        (B, C, H, W) latents of the flow's z.  Raises ConfigError (one line) for a video model or a prompt count
+        that does not match, FileNotFoundError for a missing file."""
+        if self.trained_frames > 1:
+            raise ConfigError("invert: image models only (this checkpoint is a video model)")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ConfigError(f"{len(prompts)} prompts for {len(images)} images")
+        (h, w), ratio = self.image_size(height, width, aspect_ratio)
+        pixels = torch.stack([load_first_frame(image, (h, w)) for image in images]).to(self.device)
+        if self.vae is not None:
+            with self._on_device(self.vae):
+                latents = self.vae.encode(pixels, sample=False)
+        else:
+            latents = pixels
+        _, fps, noise_std = self.resolve(0.0)
+        y = self.encode_prompt(prompts, None, 0.0, ratio, fps, noise_std)
+        autocast = torch.autocast(self.device.type, self.dtype) if self.dtype else contextlib.nullcontext()
+        with autocast:
+            z, _, _, _ = self.model(latents, y)
+        return z.float()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> pixels in [-1, 1] (B, [T], 3, H, W) through the VAE (one sample at a time with vae slicing);
         latents themselves without a VAE (a pixel-space model)."""
