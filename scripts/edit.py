@@ -3,6 +3,7 @@ caption that describes it, then decode z under another caption (STARFlow paper, 
 
     python -m scripts.edit --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --input_image photo.png \\
         --source_caption "a large red circle on the left" --caption "a large blue circle on the left"
+    python -m scripts.edit ... --mask region.png --caption "a small green triangle on the left"   # inpainting
     python -m scripts.edit --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --shapes_eval 36
 
 The inverse is exact: decoding z under the source caption gives the image back up to the VAE (the image's VAE
@@ -10,6 +11,8 @@ posterior mean is what is inverted, without the training noise).  Under another 
 holds and the caption does not change.  --strength s in [0, 1] mixes fresh noise into z
 (sqrt(1 - s^2) z + s eps, drawn from --seed): 0 keeps the most of the image, 1 is a new sample of the caption.
 --guidance (default 0) adds classifier-free guidance to the decoding: stronger edits, less of the image kept.
+--mask (inpainting): fresh noise only at the latent tokens under the mask's white pixels (--strength defaults to 1
+there), decoded under the caption; the pixels outside the mask are the input's.
 Writes <stem>-same.png (the reconstruction) and <stem>-edit-<k>.png (one per --caption) to --output_dir, and prints
 the reconstruction's PSNR to the input as the model sees it (center-cropped and resized).
 """
@@ -18,6 +21,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from utils.config import ConfigError, Parser, add_device_args
 
@@ -29,18 +33,40 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def edit(pipe, images, source: "str | list[str]", target: "str | list[str]", strength: float = 0.0,
-         guidance: float = 0.0, seed: int = 0) -> list[np.ndarray]:
+         guidance: float = 0.0, seed: int = 0, masks: list[np.ndarray] | None = None,
+         paste: bool = True) -> list[np.ndarray]:
     """Edited uint8 pictures (H, W, 3): each image inverted under its source caption, decoded under its target
-    caption (one for all, or one per image)."""
+    caption (one for all, or one per image).  With `masks` ((H, W) bool at the model's size, True = regenerate;
+    inpainting) the noise is mixed in only at the latent tokens a mask touches, and (with `paste`) the pixels
+    outside each mask are the input's."""
     if not 0 <= strength <= 1:
         raise ConfigError(f"--strength {strength}: must be in [0, 1]")
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
     z = pipe.invert(images, source)
     if strength > 0:
         eps = pipe.prepare_latents(len(z), *pipe.image_size()[0], seed=seed)
-        z = math.sqrt(1 - strength ** 2) * z + strength * eps
+        mixed = math.sqrt(1 - strength ** 2) * z + strength * eps
+        if masks is None:
+            z = mixed
+        else:  # a latent token is regenerated when its patch of pixels holds any masked pixel
+            inside = torch.from_numpy(np.stack(masks)).float()[:, None]
+            inside = torch.nn.functional.max_pool2d(inside, pipe.factor).to(z.device) > 0  # (B, 1, h, w)
+            z = torch.where(inside, mixed, z)
     targets = [target] * len(z) if isinstance(target, str) else list(target)
-    out = pipe(targets, latents=z, guidance_scale=guidance, self_denoise=False)
-    return list(out.as_uint8())
+    out = list(pipe(targets, latents=z, guidance_scale=guidance, self_denoise=False).as_uint8())
+    if masks is not None and paste:
+        out = [np.where(m[..., None], o, as_model_sees(pipe, im)) for o, m, im in zip(out, masks, images)]
+    return out
+
+
+def read_mask(pipe, path: Path) -> np.ndarray:
+    """A mask picture (white or any bright pixel = regenerate), center-cropped and resized like the image:
+    (H, W) bool at the model's size."""
+    from utils.pipeline import load_first_frame
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--mask {path}: no such file")
+    return (load_first_frame(path, pipe.image_size()[0]).mean(0) > 0).numpy()
 
 
 def as_model_sees(pipe, image) -> np.ndarray:
@@ -55,10 +81,11 @@ def shapes_eval(pipe, n: int, picture: Path | None) -> str:
     """The acceptance figures of the editing issue on a shapes image checkpoint: n images of the training
     distribution (an unused seed), each inverted under its caption; decoded under the same caption (PSNR), and
     under the caption with only the colour changed (scripts/eval_shapes reads the new colour, the old shape and
-    position)."""
+    position).  Inpainting: n images generated from the same captions, the shape's box (+3 px) masked and
+    regenerated under a caption with another colour and another shape at the same place."""
     from PIL import Image
 
-    from dataset import COLORS, ShapesDataset, render_shape, shape_caption
+    from dataset import COLORS, SHAPES, ShapesDataset, render_shape, shape_caption
     from scripts.eval_shapes import measure_image
 
     if pipe.trained_frames > 1:
@@ -75,6 +102,26 @@ def shapes_eval(pipe, n: int, picture: Path | None) -> str:
     same = edit(pipe, images, sources, sources)
     edited = edit(pipe, images, sources, targets)
     quality = [psnr(a, b) for a, b in zip(same, images)]
+    # inpainting, on images the model generated from the captions: the shape's box plus a 3-pixel margin
+    # regenerated as another colour and another shape
+    images = list(pipe(sources, seed=0, indices=list(range(n))).as_uint8())
+    masks, asked = [], []
+    for i in range(n):
+        attrs = data.attributes(i)
+        ink = images[i].min(-1) < 200
+        inked = np.flatnonzero(ink.any(0)), np.flatnonzero(ink.any(1))  # columns, rows
+        mask = np.zeros(images[i].shape[:2], bool)
+        mask[max(inked[1][0] - 3, 0):inked[1][-1] + 4, max(inked[0][0] - 3, 0):inked[0][-1] + 4] = True
+        masks.append(mask)
+        other = dict(attrs, color=wanted[i]["color"], shape=rng.choice([s for s in SHAPES if s != attrs["shape"]]).item())
+        asked.append(other)
+    raw = edit(pipe, images, sources, [shape_caption(**a) for a in asked], 1.0, masks=masks, paste=False)
+    outside = [psnr(r[~m], im[~m]) for r, m, im in zip(raw, masks, images)]
+    painted = [np.where(m[..., None], r, im) for r, m, im in zip(raw, masks, images)]
+    filled = 0
+    for pixels, want in zip(painted, asked):
+        found = measure_image(pixels)
+        filled += all(found[k] == want[k] for k in ("color", "shape", "position"))
     right = 0
     for pixels, want in zip(edited, wanted):
         found = measure_image(pixels)
@@ -85,7 +132,10 @@ def shapes_eval(pipe, n: int, picture: Path | None) -> str:
         grid = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
         Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST).save(picture)
     return (f"{n} images: same caption reproduces them at {np.mean(quality):.1f} dB PSNR (lowest "
-            f"{min(quality):.1f}); colour changed, the rest kept: {right}/{n} = {right / n:.1%}" +
+            f"{min(quality):.1f}); colour changed, the rest kept: {right}/{n} = {right / n:.1%}; inpainting the "
+            f"shape's box (+3 px) as another colour and shape: {filled}/{n} = {filled / n:.1%} read right, pixels "
+            f"outside the masks at {np.mean(outside):.1f} dB PSNR before pasting the input back (lowest "
+            f"{min(outside):.1f})" +
             (f"; picture {picture}" if picture else ""))
 
 
@@ -96,7 +146,10 @@ def main(argv=None):
     p.add_argument("--input_image", type=Path, help="the picture to edit")
     p.add_argument("--source_caption", help="a caption that describes the picture as it is")
     p.add_argument("--caption", action="append", default=[], help="the edited picture's caption (repeatable)")
-    p.add_argument("--strength", type=float, default=0.0, help="fresh noise mixed into z, 0 to 1 (default 0)")
+    p.add_argument("--mask", type=Path, help="inpainting: a picture whose white (bright) pixels are regenerated; "
+                   "the rest stays the input's")
+    p.add_argument("--strength", type=float, default=None,
+                   help="fresh noise mixed into z, 0 to 1 (default 0; with --mask 1, inside the mask only)")
     p.add_argument("--guidance", type=float, default=0.0, help="guidance scale of the decoding (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --strength noise")
     p.add_argument("--output_dir", type=Path, default=Path("outputs/edit"), help="where the pictures go")
@@ -112,6 +165,10 @@ def main(argv=None):
             raise ConfigError("give --input_image, --source_caption and at least one --caption (or --shapes_eval N)")
         if not args.input_image.is_file():
             raise FileNotFoundError(f"--input_image {args.input_image}: no such file")
+        if args.mask is not None and not args.mask.is_file():
+            raise FileNotFoundError(f"--mask {args.mask}: no such file")
+    if args.strength is None:
+        args.strength = 1.0 if args.mask is not None else 0.0
     if not 0 <= args.strength <= 1:
         raise ConfigError(f"--strength {args.strength}: must be in [0, 1]")
 
@@ -126,15 +183,18 @@ def main(argv=None):
         print(shapes_eval(pipe, args.shapes_eval, args.picture))
         return
     captions = [args.source_caption] + args.caption
+    masks = None if args.mask is None else [read_mask(pipe, args.mask)] * len(captions)
     pictures = edit(pipe, [args.input_image] * len(captions), args.source_caption, captions, args.strength,
-                    args.guidance, args.seed)
+                    args.guidance, args.seed, masks)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = args.input_image.stem
     names = [f"{stem}-same.png"] + [f"{stem}-edit-{k}.png" for k in range(len(args.caption))]
     for name, pixels in zip(names, pictures):
         Image.fromarray(pixels).save(args.output_dir / name)
         plain_mode(args.output_dir / name)
-    print(f"reconstruction (same caption): {psnr(pictures[0], as_model_sees(pipe, args.input_image)):.1f} dB PSNR")
+    quality = psnr(pictures[0], as_model_sees(pipe, args.input_image))
+    print(f"reconstruction (same caption): {quality:.1f} dB PSNR" if masks is None else
+          f"the source caption with the mask regenerated: {quality:.1f} dB PSNR to the input")
     print(f"wrote {', '.join(names)} to {args.output_dir}")
 
 

@@ -126,3 +126,23 @@ def test_inversion_is_exact_and_a_colour_edit_keeps_the_rest(pipe, images, tmp_p
     assert code == 2 and err.strip() == f"error: --input_image {tmp_path / 'no.png'}: no such file"
     code, err = cli_error(edit.main, ["--checkpoint", IMAGE_CKPT, "--shapes_eval", "3", "--strength", "2"])
     assert code == 2 and err.strip() == "error: --strength 2.0: must be in [0, 1]"
+
+
+def test_inpainting_regenerates_the_mask_and_keeps_the_rest(pipe, images, tmp_path):
+    """scripts/edit.py --mask: fresh noise at the latent tokens under the mask, the new caption drawn there, every
+    pixel outside the mask the input's."""
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[4:28, 0:22] = 255  # the left part, where the red circle is
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    from scripts import edit
+
+    edit.main(["--checkpoint", IMAGE_CKPT, "--input_image", str(images / "0.png"), "--source_caption", CAPTIONS[0],
+               "--mask", str(tmp_path / "mask.png"), "--caption", "a large green triangle on the left",
+               "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    from scripts.eval_shapes import measure_image
+
+    painted = np.asarray(Image.open(tmp_path / "out" / "0-edit-0.png"))
+    found = measure_image(painted)
+    assert (found["color"], found["shape"], found["position"]) == ("green", "triangle", "left")
+    outside = mask[..., 0] == 0
+    assert (painted[outside] == render_shape(**SHAPES[0])[outside]).all()

@@ -189,6 +189,12 @@ def check_editing(block, out, root):
         [("blue", "circle", "left"), ("red", "square", "left"), ("red", "circle", "right")], edits
 
 
+def check_inpainting(block, out, root):
+    painted = [shapes_of(root / "outputs" / "inpaint" / f"red_circle-edit-{k}.png")[0] for k in range(2)]
+    assert [(e["color"], e["shape"], e["position"]) for e in painted] == \
+        [("green", "triangle", "left"), ("blue", "square", "left")], painted
+
+
 def check_model_snippet(block, out, root):
     assert out.returncode == 0
 
@@ -205,6 +211,7 @@ RUN = {
     "python finetune_decoder.py --train_autoencoder 1": check_decoder_finetuning,
     "python -m scripts.likelihood --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --inputs": check_likelihood,
     "python -m scripts.edit --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --input_image": check_editing,
+    "python -m scripts.edit --mask misc/inpaint_mask.png": check_inpainting,
     "import torch": check_model_snippet,
 }
 COVERED = {  # block -> the tests that run its commands (the suite itself, servers)
