@@ -1,5 +1,6 @@
 """Training-free editing of real images with an image checkpoint: invert the image to the flow's Gaussian z under a
-caption that describes it, then decode z under another caption (STARFlow paper, sec. 4; `STARFlowPipeline.invert`).
+caption that describes it, then decode z under another caption (the STARFlow paper's training-free editing;
+`STARFlowPipeline.invert`).
 
     python -m scripts.edit --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --input_image photo.png \\
         --source_caption "a large red circle on the left" --caption "a large blue circle on the left"

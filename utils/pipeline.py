@@ -278,7 +278,7 @@ class STARFlowPipeline:
         is exact) and the flow's forward pass under its `prompt` (one for all, or one per image; unguided).
 
         `pipe(prompt, latents=z, guidance_scale=0, self_denoise=False)` gives the images back up to the VAE; another
-        prompt edits them, keeping what it does not change (training-free editing, STARFlow paper sec. 4).  Returns
+        prompt edits them, keeping what it does not change (training-free editing, as the STARFlow paper shows).  Returns
         (B, C, H, W) latents of the flow's z.  Raises ConfigError (one line) for a video model or a prompt count
         that does not match, FileNotFoundError for a missing file."""
         if self.trained_frames > 1:
