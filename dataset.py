@@ -439,6 +439,39 @@ class Loader:
 # ---------------------------------------------------------------------------------------------------------------------
 # Tar shards: a stream
 
+def shard_sample(sample: dict, video: bool) -> tuple[bytes, str, str]:
+    """(media bytes, caption, where) of one WebDataset sample: its image member (utils.files.IMAGE_EXTS; .mp4 for
+    video) and its caption from a .txt member or a .json {"caption": ...}; `where` names the shard and the key.
+    Raises ValueError naming them when a member is missing or unreadable."""
+    where = f"{sample['__url__']}: sample {sample['__key__']}"
+    exts = VIDEO_EXTS if video else IMAGE_EXTS
+    members = {k.rsplit(".", 1)[-1].lower(): k for k in sample if not k.startswith("__")}
+    media = next((members[e[1:]] for e in exts if e[1:] in members), None)
+    if media is None:
+        raise ValueError(f"{where}: no {'/'.join(exts)} member (it has: {', '.join(members.values())})")
+    caption = None
+    if "json" in members:
+        try:
+            caption = json.loads(decode_text(sample[members["json"]], f"{where}.{members['json']}"))["caption"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{where}: {members['json']} is not a JSON object with a \"caption\"") from None
+    if "txt" in members:
+        caption = decode_text(sample[members["txt"]], f"{where}.{members['txt']}")
+    if caption is None:
+        raise ValueError(f"{where}: no caption (a .txt member, or .json with a \"caption\" field)")
+    return sample[media], caption, where
+
+
+def decode_bytes(media: bytes, frames: int, fps: int | None, rng: np.random.Generator, where) -> tuple:
+    """`decode` of a file's bytes (an image, or `frames` > 1 video frames)."""
+    if frames > 1:
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:  # ffmpeg reads files, not bytes
+            f.write(media)
+            f.flush()
+            return decode(f.name, True, frames, fps, rng, where)
+    return decode(io.BytesIO(media), False, 1, None, rng, where)
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless one-bucket batches from tar shards: members <key>.png|jpg|... (utils.files.IMAGE_EXTS; <key>.mp4 for
     video) with <key>.txt or <key>.json ({"caption": ...}).  As in webdataset, a member's key is its path up to the
@@ -457,30 +490,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.frames, self.fps, self.seed, self.epoch = frames, fps, seed, epoch
 
     def _decode(self, sample: dict) -> tuple:
-        where = f"{sample['__url__']}: sample {sample['__key__']}"
-        exts = VIDEO_EXTS if self.frames > 1 else IMAGE_EXTS
-        members = {k.rsplit(".", 1)[-1].lower(): k for k in sample if not k.startswith("__")}
-        media = next((members[e[1:]] for e in exts if e[1:] in members), None)
-        if media is None:
-            raise ValueError(f"{where}: no {'/'.join(exts)} member (it has: {', '.join(members.values())})")
-        caption = None
-        if "json" in members:
-            try:
-                caption = json.loads(decode_text(sample[members["json"]], f"{where}.{members['json']}"))["caption"]
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{where}: {members['json']} is not a JSON object with a \"caption\"") from None
-        if "txt" in members:
-            caption = decode_text(sample[members["txt"]], f"{where}.{members['txt']}")
-        if caption is None:
-            raise ValueError(f"{where}: no caption (a .txt member, or .json with a \"caption\" field)")
+        media, caption, where = shard_sample(sample, self.frames > 1)
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(where.encode())])
-        if self.frames > 1:
-            with tempfile.NamedTemporaryFile(suffix=".mp4") as f:  # ffmpeg reads files, not bytes
-                f.write(sample[media])
-                f.flush()
-                pixels, fps = decode(f.name, True, self.frames, self.fps, rng, where)
-        else:
-            pixels, fps = decode(io.BytesIO(sample[media]), False, 1, None, rng, where)
+        pixels, fps = decode_bytes(media, self.frames, self.fps, rng, where)
         ratio = self.transform.bucket(pixels.shape[-2], pixels.shape[-3])
         return self.transform(pixels, ratio, rng), caption.strip(), round(fps), -1, ratio
 

@@ -5,6 +5,7 @@ over the flow blocks, per-token heatmaps, and zero-shot ranking of candidate cap
         --caption "a small red circle on the left"      # or --captions FILE: one line per input, in order
     python -m scripts.likelihood --checkpoint CKPT --inputs folder/ --candidates labels.txt   # zero-shot ranking
     python -m scripts.likelihood --checkpoint CKPT --inputs folder/ --heatmaps maps/          # where it is surprised
+    python -m scripts.likelihood --checkpoint CKPT --inputs shards/shard-000000.tar ...       # WebDataset shards
     python -m scripts.likelihood --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --shapes_eval 64
     torchrun --nproc_per_node 2 -m scripts.likelihood ...                                      # inputs split
 
@@ -17,15 +18,19 @@ convolved with the noise (an upper bound on nothing: an expectation); bits/dim =
 continuous latents in the VAE's scaled units, not a discrete likelihood of 8-bit pixels: numbers compare inputs under
 one checkpoint, not checkpoints with different VAEs, nor with pixel-space bits/dim of other papers.  The same --seed
 gives the same numbers, whatever the batch or the number of processes (each input's noise comes from (seed, its
-index)).  Without a caption the empty caption is used (the model's unconditional density, trained with drop_label).
+index; a shard sample's from its shard and key)).  Without a caption the empty caption is used (the model's
+unconditional density, trained with drop_label); a shard sample is scored under its own caption (its .txt or .json
+member, as training reads it) unless --caption is given.  Shards are read one at a time, whole, into memory.
 
 Outputs: one JSON line per input (--output, default <checkpoint stem>-likelihood.jsonl), a summary table, and with
 --heatmaps one PNG per image: the input beside its per-token NLL (nats per latent token, brighter is more
 surprising), upsampled onto the image.
 """
 import argparse
+import dataclasses
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,45 @@ def read_inputs(paths: list[Path], video: bool) -> list[Path]:
         else:
             raise FileNotFoundError(f"--inputs {path}: no such file or folder")
     return files
+
+
+@dataclasses.dataclass
+class ShardSample:
+    """One sample of a WebDataset shard: named <shard>:<key>, its media bytes and its own caption."""
+    name: str
+    media: bytes
+    caption: str
+
+    @property
+    def stem(self) -> str:
+        return self.name.replace("/", "_").replace(":", "-")
+
+
+def read_shard(path: Path, video: bool) -> list[ShardSample]:
+    """The samples of one .tar shard in order (the members training reads: dataset.shard_sample); ValueError (one
+    line) naming the shard when it is not a readable tar file, or a sample when a member is missing."""
+    import tarfile
+
+    import webdataset as wds
+
+    from dataset import shard_sample
+    from utils.config import one_line
+
+    samples = []
+    try:
+        for sample in wds.tarfile_to_samples()([{"url": str(path)}]):
+            media, caption, _ = shard_sample(sample, video)
+            samples.append(ShardSample(f"{path}:{sample['__key__']}", media, caption.strip()))
+    except (OSError, tarfile.TarError) as err:
+        raise ValueError(f"--inputs {path}: not a readable tar shard ({one_line(err)})") from None
+    if not samples:
+        raise ValueError(f"--inputs {path}: no samples in this shard")
+    return samples
+
+
+def noise_id(item) -> int:
+    """Where a shard sample's noise draws come from (a file's come from its index): its shard's name and key."""
+    return zlib.crc32(Path(item.name).name.encode()) & 0x7FFFFFFF
 
 
 def read_lines(path: Path, flag: str) -> list[str]:
@@ -151,25 +195,29 @@ def heatmap_png(pixels: np.ndarray, per_token: np.ndarray, path: Path, lo: float
     plain_mode(path)
 
 
-def load_pixels(files: list[Path], pipe, rng: np.random.Generator) -> tuple[torch.Tensor, list[np.ndarray]]:
+def load_pixels(files: list, pipe, rng: np.random.Generator) -> tuple[torch.Tensor, list[np.ndarray]]:
     """(B, [T], 3, H, W) in [-1, 1] as the model was trained (center crop and resize), and the uint8 pixels shown."""
-    from dataset import Transform, decode
+    from dataset import Transform, decode, decode_bytes
 
     video = pipe.trained_frames > 1
     transform = Transform(pipe.args.img_size)
     tensors = []
-    for path in files:
-        pixels, _ = decode(path, video, pipe.trained_frames, pipe.trained_fps, rng, where=path)
+    for item in files:
+        if isinstance(item, ShardSample):
+            pixels, _ = decode_bytes(item.media, pipe.trained_frames, pipe.trained_fps, rng, item.name)
+        else:
+            pixels, _ = decode(item, video, pipe.trained_frames, pipe.trained_fps, rng, where=item)
         tensors.append(transform(pixels, "1:1", rng))
     shown = [((t.permute(*range(t.dim() - 3), -2, -1, -3) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
              for t in tensors]
     return torch.stack(tensors), shown
 
 
-def score_files(scorer: Scorer, files: list[Path], indices: list[int], captions: list[str] | None,
+def score_files(scorer: Scorer, files: list, indices: list[int], captions: list[str] | None,
                 candidates: list[str] | None, batch: int, heatmaps: Path | None, progress: bool) -> list[dict]:
-    """One record per file: its NLL and bits/dim under its caption (or the empty one), the split over the blocks,
-    and with candidates each candidate's bits/dim (the same noise draws for all), best first."""
+    """One record per file (a Path, or a ShardSample): its NLL and bits/dim under its caption (or the empty one),
+    the split over the blocks, and with candidates each candidate's bits/dim (the same noise draws for all), best
+    first.  `indices`: where each input's noise draws come from."""
     rng = np.random.default_rng(scorer.seed)
     records, maps = [], []
     bar = tqdm(total=len(files), desc="scoring", disable=not progress)
@@ -193,7 +241,7 @@ def score_files(scorer: Scorer, files: list[Path], indices: list[int], captions:
             bpd = torch.cat(columns).T  # (inputs, candidates)
             ranked = [sorted(zip(candidates, row.tolist()), key=lambda cb: cb[1]) for row in bpd.cpu()]
         for j, path in enumerate(part):
-            record = {"input": str(path), "caption": own[j], "nll_nats": round(result["nll"][j].item(), 4),
+            record = {"input": path.name if isinstance(path, ShardSample) else str(path), "caption": own[j], "nll_nats": round(result["nll"][j].item(), 4),
                       "bits_per_dim": round(result["bits_per_dim"][j].item(), 6),
                       "prior_nats": round(result["prior"][j].item(), 4),
                       "blocks_nats": [round(v, 4) for v in result["blocks"][j].tolist()], "draws": scorer.draws}
@@ -210,7 +258,7 @@ def score_files(scorer: Scorer, files: list[Path], indices: list[int], captions:
         hi = max(m.max() for _, _, m in maps)
         heatmaps.mkdir(parents=True, exist_ok=True)
         for (path, pixels, per_token), record in zip(maps, records):
-            out = heatmaps / f"{path.stem}-nll.png"
+            out = heatmaps / f"{path.stem}-nll.png"  # a file's stem, or <shard>-<key> of a shard sample
             heatmap_png(pixels, per_token, out, lo, hi)
             record["heatmap"] = str(out)
     return records
@@ -296,8 +344,8 @@ def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint (ours, or an official .pth with --config)")
     p.add_argument("--config", type=Path, help="the YAML of an official .pth checkpoint")
-    p.add_argument("--inputs", type=Path, nargs="*", default=[], help="image (or, for video models, .mp4) files and "
-                   "folders of them")
+    p.add_argument("--inputs", type=Path, nargs="*", default=[], help="image (or, for video models, .mp4) files, "
+                   "folders of them, and WebDataset .tar shards (each sample under its own caption)")
     p.add_argument("--caption", help="one caption for every input (default: the empty caption, unconditional)")
     p.add_argument("--captions", type=Path, help="a file with one caption per input, in the order of --inputs")
     p.add_argument("--candidates", type=Path, help="a file of candidate captions: each input is scored under each, "
@@ -339,21 +387,32 @@ def main(argv=None):
     if args.shapes_eval:
         print(shapes_eval(scorer, args.shapes_eval, Path("outputs") / "likelihood_shapes_eval", args.batch))
         return
-    files = read_inputs(args.inputs, pipe.trained_frames > 1)
+    video = pipe.trained_frames > 1
+    shards = [p for p in args.inputs if p.suffix == ".tar"]
+    files = read_inputs([p for p in args.inputs if p.suffix != ".tar"], video)
     captions = [args.caption] * len(files) if args.caption is not None else None
     if args.captions is not None:
+        if shards:
+            raise ConfigError("--captions FILE numbers files; shard samples have their own captions (or use --caption)")
         captions = read_lines(args.captions, "--captions")
         if len(captions) != len(files):
             raise ConfigError(f"--captions {args.captions}: {len(captions)} captions for {len(files)} inputs")
     candidates = read_lines(args.candidates, "--candidates") if args.candidates is not None else None
     if candidates == []:
         raise ConfigError(f"--candidates {args.candidates}: the file holds no captions")
-    mine = list(range(procs.rank, len(files), procs.world_size))
+    mine = list(range(procs.rank, len(files), procs.world_size))  # files by index, shards whole, round robin
     records = score_files(scorer, [files[i] for i in mine], mine, [captions[i] for i in mine] if captions else None,
                           candidates, args.batch, args.heatmaps, procs.main)
+    order = [(0, i, 0) for i in mine]
+    for s in range(procs.rank, len(shards), procs.world_size):
+        samples = read_shard(shards[s], video)
+        own = [args.caption if args.caption is not None else x.caption for x in samples]
+        records += score_files(scorer, samples, [noise_id(x) for x in samples], own, candidates, args.batch,
+                               args.heatmaps, procs.main)
+        order += [(1, s, k) for k in range(len(samples))]
     if procs.world_size > 1:
         gathered = [None] * procs.world_size
-        torch.distributed.all_gather_object(gathered, list(zip(mine, records)))
+        torch.distributed.all_gather_object(gathered, list(zip(order, records)))
         records = [r for _, r in sorted((pair for part in gathered for pair in part), key=lambda ir: ir[0])]
     if not procs.main:
         return

@@ -146,3 +146,32 @@ def test_inpainting_regenerates_the_mask_and_keeps_the_rest(pipe, images, tmp_pa
     assert (found["color"], found["shape"], found["position"]) == ("green", "triangle", "left")
     outside = mask[..., 0] == 0
     assert (painted[outside] == render_shape(**SHAPES[0])[outside]).all()
+
+
+def test_shard_samples_are_scored_under_their_own_captions(pipe, images, tmp_path):
+    """WebDataset shards as inputs: each sample under its .txt caption, with the same numbers as its picture scored
+    as a file under that caption and the same noise draws."""
+    import io
+    import tarfile
+
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, caption in enumerate(CAPTIONS[:2]):
+            for name, data in ((f"s{i}.png", (images / f"{i}.png").read_bytes()), (f"s{i}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "shard.jsonl"
+    likelihood.main(["--checkpoint", IMAGE_CKPT, "--inputs", str(shard), "--draws", "1", "--output", str(out),
+                     "--device", "cpu"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["input"], r["caption"]) for r in records] == [(f"{shard}:s0", CAPTIONS[0]), (f"{shard}:s1", CAPTIONS[1])]
+    samples = likelihood.read_shard(shard, video=False)
+    files = [images / "0.png", images / "1.png"]
+    again = likelihood.score_files(likelihood.Scorer(pipe, draws=1), files, [likelihood.noise_id(x) for x in samples],
+                                   CAPTIONS[:2], None, 16, None, False)
+    assert [r["bits_per_dim"] for r in records] == [r["bits_per_dim"] for r in again]
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar file")
+    code, err = cli_error(likelihood.main, ["--checkpoint", IMAGE_CKPT, "--inputs", str(broken), "--device", "cpu"])
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: --inputs {broken}: not a readable tar shard")
