@@ -113,7 +113,7 @@ class Scorer:
     `latents(pixels, indices)` -> (draws, B, *latent shape) noisy latents; `score(latents, captions)` -> per-sample
     dict of tensors: "nll" (B,) nats, "bits_per_dim" (B,), "prior" (B,) nats (the Gaussian term), "blocks"
     (B, n_blocks) nats (-log-determinant of each flow block, blocks.0 first, the deep block last) and, with
-    `tokens=True`, "tokens" (B, H, W) nats per latent token of images.  Each is the mean over the draws.
+    `tokens=True`, "tokens" (B, [T], H, W) nats per latent token.  Each is the mean over the draws.
     """
 
     def __init__(self, pipe, draws: int = 4, seed: int = 0):
@@ -163,32 +163,43 @@ class Scorer:
         return totals
 
     def token_map(self, z: torch.Tensor, logdets: list[torch.Tensor]) -> torch.Tensor:
-        """(B, H, W) nats per latent token of images: its Gaussian term plus minus its log-determinants, each block's
-        brought back from its own token order to the image's (they sum to the NLL)."""
-        model = self.model
-        if z.dim() != 4:
-            raise ConfigError("--heatmaps: per-token maps are drawn for image models only")
-        h = model.patchify(z)  # (B, H, W, C)
+        """(B, [T], H, W) nats per latent token: its Gaussian term minus its log-determinants, each block's brought
+        back from its own token order (per frame for frame-local blocks) to the picture's; they sum to the NLL."""
+        h = self.model.patchify(z)  # (B, [T], H, W, C)
         per_token = 0.5 * (h.float().pow(2) + LOG_2PI).sum(-1)
-        for block, ld in zip(model.blocks, logdets):
-            if ld.dim() == 3:  # (B, N, C) in the block's order
+        for block, ld in zip(self.model.blocks, logdets):
+            if ld.dim() == 4:  # a frame-local block of a video model: (B, T, tokens of a frame, C)
+                frames = block.from_seq(ld.float().flatten(0, 1), (ld.size(0) * ld.size(1), 1, *h.shape[2:]))
+                per_token = per_token - frames.reshape(h.shape).sum(-1)
+            elif ld.dim() == 3:  # (B, N, C) in the block's order
                 per_token = per_token - block.from_seq(ld.float(), h.shape).sum(-1)
         return per_token
 
 
 def heatmap_png(pixels: np.ndarray, per_token: np.ndarray, path: Path, lo: float, hi: float):
-    """The input beside its per-token NLL map, upsampled (nearest) to the image, colour-mapped from lo to hi nats."""
+    """The input beside its per-token NLL map, upsampled (nearest) to the picture, colour-mapped from lo to hi nats;
+    a video's frames in a row above their maps."""
     from PIL import Image, ImageOps
 
     from utils.files import plain_mode
 
-    H, W = pixels.shape[:2]
-    gray = np.clip((per_token - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
-    heat = ImageOps.colorize(Image.fromarray(gray).resize((W, H), Image.Resampling.NEAREST),
-                             black="#000004", mid="#b73779", white="#fcffa4")
-    canvas = Image.new("RGB", (2 * W + 2, H), "white")
-    canvas.paste(Image.fromarray(pixels), (0, 0))
-    canvas.paste(heat, (W + 2, 0))
+    frames = pixels if pixels.ndim == 4 else pixels[None]
+    maps = per_token if per_token.ndim == 3 else per_token[None]
+    H, W = frames.shape[1:3]
+    heat = []
+    for m in maps:
+        gray = np.clip((m - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+        heat.append(ImageOps.colorize(Image.fromarray(gray).resize((W, H), Image.Resampling.NEAREST),
+                                      black="#000004", mid="#b73779", white="#fcffa4"))
+    if pixels.ndim == 3:  # an image: side by side
+        canvas = Image.new("RGB", (2 * W + 2, H), "white")
+        canvas.paste(Image.fromarray(frames[0]), (0, 0))
+        canvas.paste(heat[0], (W + 2, 0))
+    else:
+        canvas = Image.new("RGB", (len(frames) * (W + 2) - 2, 2 * H + 2), "white")
+        for t, (frame, m) in enumerate(zip(frames, heat)):
+            canvas.paste(Image.fromarray(frame), (t * (W + 2), 0))
+            canvas.paste(m, (t * (W + 2), H + 2))
     scale = max(1, 256 // max(H, 1))
     canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
     canvas.save(path)
@@ -250,7 +261,10 @@ def score_files(scorer: Scorer, files: list, indices: list[int], captions: list[
                 record["best"] = ranked[j][0][0]
             records.append(record)
             if heatmaps is not None:
-                maps.append((path, shown[j], result["tokens"][j].cpu().numpy()))
+                tokens, pixels = result["tokens"][j].cpu().numpy(), shown[j]
+                if tokens.ndim == 3 and len(tokens) != len(pixels):  # latent frame t starts at frame t x temporal
+                    pixels = pixels[[min(t * scorer.pipe.temporal, len(pixels) - 1) for t in range(len(tokens))]]
+                maps.append((path, pixels, tokens))
         bar.update(len(part))
     bar.close()
     if maps:

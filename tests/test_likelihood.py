@@ -175,3 +175,19 @@ def test_shard_samples_are_scored_under_their_own_captions(pipe, images, tmp_pat
     broken.write_bytes(b"not a tar file")
     code, err = cli_error(likelihood.main, ["--checkpoint", IMAGE_CKPT, "--inputs", str(broken), "--device", "cpu"])
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: --inputs {broken}: not a readable tar shard")
+
+
+def test_video_token_maps_add_up_to_the_nll(tmp_path):
+    """A video model's per-token map (frame-local shallow blocks brought back per frame, the deep block over the
+    clip) sums to its NLL, and its heatmap shows the frames above their maps."""
+    from utils.pipeline import STARFlowPipeline
+
+    pipe = STARFlowPipeline.from_pretrained("ckpts/starflow-v_shapes_t2v_32x32.safetensors", device="cpu")
+    video = render_shape("green", "circle", "small", direction="right", frames=pipe.trained_frames)
+    pixels = torch.from_numpy(video).permute(0, 3, 1, 2).float()[None] / 127.5 - 1  # (1, T, 3, H, W)
+    scorer = likelihood.Scorer(pipe, draws=1)
+    result = scorer.score(scorer.latents(pixels, [0]), ["a green circle moving right"], tokens=True)
+    assert result["tokens"].shape == (1, pipe.trained_frames, 8, 8)
+    assert torch.allclose(result["tokens"].flatten(1).sum(1), result["nll"], rtol=1e-5)
+    likelihood.heatmap_png(video, result["tokens"][0].numpy(), tmp_path / "v.png", 0.0, 10.0)
+    assert Image.open(tmp_path / "v.png").size == ((4 * 34 - 2) * 8, 66 * 8)
