@@ -36,6 +36,7 @@ from transformer_flow import KVCache, Model, ModelConfig, load_official_state_di
 from utils.config import Parser, add_device_args
 from utils.debug import randomize_weights
 from utils.decoding import interleaved, relative_error
+from utils.files import read_lines
 
 SHARED_MODULES = ("transformer_flow", "misc")
 
@@ -207,7 +208,7 @@ def checkpoint_benchmark(args, device):
         if not video:
             raise ConfigError(f"--lengths: {args.checkpoint} is an image model")
         return long_video_benchmark(args, pipe)
-    captions = read_captions(args.captions) if args.captions is not None else make_captions(4, video, seed=0)
+    captions = read_lines(args.captions, "--captions") if args.captions is not None else make_captions(4, video, seed=0)
     timed = captions[:args.batch]
     (h, w_), ratio = pipe.image_size()
     w, fps, noise_std = pipe.resolve()
@@ -263,7 +264,7 @@ def long_video_benchmark(args, pipe):
 
     from scripts.eval_shapes import evaluate_long, make_captions
 
-    captions = read_captions(args.captions) if args.captions else make_captions(36, True, seed=0, split="train")
+    captions = read_lines(args.captions, "--captions") if args.captions else make_captions(36, True, seed=0, split="train")
     trained, batch = pipe.trained_frames, pipe.args.sample_batch_size
     print(f"{args.checkpoint}: {len(captions)} captions, trained length {trained} frames (the sliding window), "
           f"batch {batch}, {args.threads} threads, {pipe.device}")
@@ -289,18 +290,6 @@ def long_video_benchmark(args, pipe):
         print(row + f" {result['presence']:.1%} | {result['color_stable']:.1%} | {result['shape_stable']:.1%} | "
               f"{result['motion_consistent']:.1%} ({result['consistent_steps']:.1%} of steps) | "
               f"{drift['mean']:.1f} / {drift['max']:.1f} |")
-
-
-def read_captions(path: Path) -> list[str]:
-    """The non-empty lines of a caption file; FileNotFoundError or ConfigError (one line) when there are none."""
-    from utils.config import ConfigError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"--captions {path}: no such file")
-    captions = [c.strip() for c in path.read_text(encoding="utf-8").splitlines() if c.strip()]
-    if not captions:
-        raise ConfigError(f"--captions {path}: the file holds no captions")
-    return captions
 
 
 def _official_process_group(device: torch.device):

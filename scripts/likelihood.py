@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from utils.config import ConfigError, Parser, add_device_args
+from utils.files import read_lines
 
 LOG_2PI = math.log(2 * math.pi)
 CANDIDATE_ROWS = 128  # rows of one forward pass when ranking candidate captions
@@ -99,12 +100,6 @@ def read_shard(path: Path, video: bool) -> list[ShardSample]:
 def noise_id(item) -> int:
     """Where a shard sample's noise draws come from (a file's come from its index): its shard's name and key."""
     return zlib.crc32(Path(item.name).name.encode()) & 0x7FFFFFFF
-
-
-def read_lines(path: Path, flag: str) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 class Scorer:
@@ -412,8 +407,6 @@ def main(argv=None):
         if len(captions) != len(files):
             raise ConfigError(f"--captions {args.captions}: {len(captions)} captions for {len(files)} inputs")
     candidates = read_lines(args.candidates, "--candidates") if args.candidates is not None else None
-    if candidates == []:
-        raise ConfigError(f"--candidates {args.candidates}: the file holds no captions")
     mine = list(range(procs.rank, len(files), procs.world_size))  # files by index, shards whole, round robin
     records = score_files(scorer, [files[i] for i in mine], mine, [captions[i] for i in mine] if captions else None,
                           candidates, args.batch, args.heatmaps, procs.main)

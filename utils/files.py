@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-from utils.config import one_line
+from utils.config import ConfigError, one_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".avif", ".tif", ".tiff", ".bmp", ".gif")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, the background of the shapes data
@@ -106,6 +106,19 @@ def read_text(path: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return decode_text(path.read_bytes(), path)
+
+
+def read_lines(path: str | Path, flag: str) -> list[str]:
+    """The non-empty lines of a text file (any encoding decode_text reads), stripped, such as a caption file: blank
+    lines are skipped, never read as the empty caption.  FileNotFoundError or ConfigError (one line naming `flag`)
+    when the file is missing or holds no lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    lines = [line.strip() for line in read_text(path).split("\n") if line.strip()]
+    if not lines:
+        raise ConfigError(f"{flag} {path}: the file holds no captions")
+    return lines
 
 
 # ---- caption tables -----------------------------------------------------------------------------------------------

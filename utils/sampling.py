@@ -13,7 +13,7 @@ from tqdm import tqdm
 from dataset import parse_vid_size
 from utils.config import ASPECT_RATIOS, ConfigError, check_image_size
 from utils.decoding import calibrate, plan_path, save_plan
-from utils.files import read_text
+from utils.files import read_lines
 from utils.media import save_image, save_latents, save_video
 from utils.pipeline import STARFlowPipeline
 from utils.training import init_processes
@@ -48,14 +48,7 @@ def read_captions(args, procs) -> tuple[list[str], str]:
     if args.caption is None:
         raise ConfigError("--caption is required: a caption, a template name or a .txt file of captions")
     if args.caption.endswith(".txt"):
-        path = Path(args.caption)
-        if not path.is_file():
-            raise FileNotFoundError(f"--caption {path}: no such file")
-        lines = [line.strip() for line in read_text(path).split("\n")]
-        captions = [line for line in lines if line]  # blank lines are skipped, never sampled as the empty caption
-        if not captions:
-            raise ConfigError(f"--caption {path}: the file holds no captions")
-        return captions, path.stem
+        return read_lines(args.caption, "--caption"), Path(args.caption).stem
     text = TEMPLATES.get(args.caption, args.caption)
     return [text] * (args.sample_batch_size * procs.world_size), "samples"
 
