@@ -441,7 +441,6 @@ class StaticSweep:
         self.stats, self.graph, self.calls = None, None, 0
 
     def _body(self):
-        S, W = self.pos.shape
         rows = lambda t: t.repeat(self.groups, 1)
         index = rows(self.pos)[..., None].expand(-1, -1, self.xs.size(-1))
         x, old, z = self.xs.gather(1, index), self.xs.gather(1, index + 1), self.noise.gather(1, index)
@@ -450,8 +449,7 @@ class StaticSweep:
         mu, sigma = self.block.params(h, self.guidance)
         new = mu + sigma * z
         self.xs.scatter_(1, index + 1, torch.where(rows(self.valid)[..., None], new, old))
-        squares = torch.stack([(new - old).square().mean(2), new.square().mean(2)])
-        self.stats = squares.view(2, self.groups, S, W).float().mean(1)
+        self.stats = MetaBlock._sweep_stats(new, old, self.groups)
 
     def __call__(self, pos, slots, valid):
         self.pos.copy_(pos)
@@ -662,11 +660,15 @@ class MetaBlock(Transformer):
     def _settled(new, old, pos, valid, computed, decoding, groups):
         """How many leading tokens of each sample's window are final (at least 1, none for a finished sample).
         pos, valid: (S, width) slots of each sample in this call, and which of them are in its own window."""
-        S, width = pos.shape
-        # one device-to-host copy per iteration: the squared changes and squares, (2, S, width)
-        both = torch.stack([(new - old).square().mean(2), new.square().mean(2)]).view(2, groups, S, width)
-        change, square = both.float().mean(1).cpu()
+        change, square = MetaBlock._sweep_stats(new, old, groups).cpu()  # one device-to-host copy per iteration
         return MetaBlock._keep(change, square, pos, valid, computed, decoding)
+
+    @staticmethod
+    def _sweep_stats(new, old, groups):
+        """(2, S, width) fp32 on the device: each token's squared change and its square, averaged over its
+        channels and over a sample's guided rows (new, old: (groups x S, width, C))."""
+        squares = torch.stack([(new - old).square().mean(2), new.square().mean(2)])
+        return squares.view(2, groups, -1, squares.size(-1)).float().mean(1)
 
     @staticmethod
     def _keep(change, square, pos, valid, computed, decoding):

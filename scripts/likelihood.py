@@ -119,9 +119,7 @@ class Scorer:
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        pipe = self.pipe
-        x = pixels.to(pipe.device)
-        mean = pipe.vae.encode(x, sample=False) if pipe.vae is not None else x
+        mean = self.pipe.encode(pixels)
         out = []
         for k in range(self.draws):
             eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(

@@ -191,6 +191,10 @@ class STARFlowPipeline:
             if self.offload and module is not None:
                 module.to("cpu")
 
+    def _autocast(self):
+        """The flow's compute precision: autocast in `self.dtype`, or fp32."""
+        return torch.autocast(self.device.type, self.dtype) if self.dtype else contextlib.nullcontext()
+
     # ---- pieces of a call -------------------------------------------------------------------------------------
     def image_size(self, height=None, width=None, aspect_ratio=None) -> tuple[tuple[int, int], str | None]:
         """((h, w) in pixels, aspect ratio for the prompt wording or None) from an aspect ratio or a size; a
@@ -278,8 +282,8 @@ class STARFlowPipeline:
         is exact) and the flow's forward pass under its `prompt` (one for all, or one per image; unguided).
 
         `pipe(prompt, latents=z, guidance_scale=0, self_denoise=False)` gives the images back up to the VAE; another
-        prompt edits them, keeping what it does not change (training-free editing, as the STARFlow paper shows).  Returns
-        (B, C, H, W) latents of the flow's z.  Raises ConfigError (one line) for a video model or a prompt count
+        prompt edits them, keeping what it does not change (training-free editing, as the STARFlow paper shows).
+        Returns (B, C, H, W) latents of the flow's z.  Raises ConfigError (one line) for a video model or a prompt count
         that does not match, FileNotFoundError for a missing file."""
         if self.trained_frames > 1:
             raise ConfigError("invert: image models only (this checkpoint is a video model)")
@@ -288,18 +292,22 @@ class STARFlowPipeline:
         if len(prompts) != len(images):
             raise ConfigError(f"{len(prompts)} prompts for {len(images)} images")
         (h, w), ratio = self.image_size(height, width, aspect_ratio)
-        pixels = torch.stack([load_first_frame(image, (h, w)) for image in images]).to(self.device)
-        if self.vae is not None:
-            with self._on_device(self.vae):
-                latents = self.vae.encode(pixels, sample=False)
-        else:
-            latents = pixels
+        latents = self.encode(torch.stack([load_first_frame(image, (h, w)) for image in images]))
         _, fps, noise_std = self.resolve(0.0)
         y = self.encode_prompt(prompts, None, 0.0, ratio, fps, noise_std)
-        autocast = torch.autocast(self.device.type, self.dtype) if self.dtype else contextlib.nullcontext()
-        with autocast:
+        with self._autocast():
             z, _, _, _ = self.model(latents, y)
         return z.float()
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, [T], 3, H, W) -> the VAE's posterior mean latents on the device (the flow's x
+        before the training noise); the pixels themselves without a VAE (a pixel-space model)."""
+        pixels = pixels.to(self.device)
+        if self.vae is None:
+            return pixels
+        with self._on_device(self.vae):
+            return self.vae.encode(pixels, sample=False)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> pixels in [-1, 1] (B, [T], 3, H, W) through the VAE (one sample at a time with vae slicing);
@@ -373,9 +381,8 @@ class STARFlowPipeline:
 
         caches = [KVCache() for _ in model.blocks]
         if image is not None:
-            first = load_first_frame(image, (h, w)).to(device)
-            with self._on_device(self.vae):  # the posterior mean: the noise below is the only randomness
-                first = self.vae.encode(first[None], sample=False) if self.vae else first[None]
+            # the posterior mean: the noise below is the only randomness
+            first = self.encode(load_first_frame(image, (h, w))[None])
             if generator is not None:
                 jitter = torch.randn((len(z), *first.shape[1:]), generator=generator, device=generator.device)
             elif drawn is not None:  # the next draw of each sample's own stream
@@ -397,7 +404,7 @@ class STARFlowPipeline:
                 callback(info)
 
         try:
-            with torch.autocast(device.type, self.dtype) if self.dtype else contextlib.nullcontext():
+            with self._autocast():
                 out = model.reverse(z, y, guidance=guidance, guide_top=1 if (args.guide_top if guide_top is None
                                                                              else guide_top) else None,
                                     return_sequence=return_sequence, kv_caches=caches, context_length=context,
