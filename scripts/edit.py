@@ -92,44 +92,38 @@ def shapes_eval(pipe, n: int, picture: Path | None) -> str:
     if pipe.trained_frames > 1:
         raise ConfigError("--shapes_eval: for shapes image checkpoints")
     data, rng = ShapesDataset(n, img_size=pipe.args.img_size, seed=4242), np.random.default_rng(0)
-    images, sources, targets, wanted = [], [], [], []
+    read_right = lambda pictures, asked: sum(all(measure_image(p)[k] == a[k] for k in ("color", "shape", "position"))
+                                             for p, a in zip(pictures, asked))
+    rendered, sources, targets, wanted = [], [], [], []
     for i in range(n):
         attrs = data.attributes(i)
-        images.append(render_shape(**attrs, img_size=pipe.args.img_size))
+        rendered.append(render_shape(**attrs, img_size=pipe.args.img_size))
         sources.append(shape_caption(**attrs))
         new = dict(attrs, color=rng.choice([c for c in COLORS if c != attrs["color"]]).item())
         targets.append(shape_caption(**new))
         wanted.append(new)
-    same = edit(pipe, images, sources, sources)
-    edited = edit(pipe, images, sources, targets)
-    quality = [psnr(a, b) for a, b in zip(same, images)]
+    same = edit(pipe, rendered, sources, sources)
+    edited = edit(pipe, rendered, sources, targets)
+    quality = [psnr(a, b) for a, b in zip(same, rendered)]
+    right = read_right(edited, wanted)
     # inpainting, on images the model generated from the captions: the shape's box plus a 3-pixel margin
     # regenerated as another colour and another shape
-    images = list(pipe(sources, seed=0, indices=list(range(n))).as_uint8())
+    generated = list(pipe(sources, seed=0, indices=list(range(n))).as_uint8())
     masks, asked = [], []
     for i in range(n):
-        attrs = data.attributes(i)
-        ink = images[i].min(-1) < 200
-        inked = np.flatnonzero(ink.any(0)), np.flatnonzero(ink.any(1))  # columns, rows
-        mask = np.zeros(images[i].shape[:2], bool)
-        mask[max(inked[1][0] - 3, 0):inked[1][-1] + 4, max(inked[0][0] - 3, 0):inked[0][-1] + 4] = True
+        ink = generated[i].min(-1) < 200
+        columns, rows = np.flatnonzero(ink.any(0)), np.flatnonzero(ink.any(1))
+        mask = np.zeros(generated[i].shape[:2], bool)
+        mask[max(rows[0] - 3, 0):rows[-1] + 4, max(columns[0] - 3, 0):columns[-1] + 4] = True
         masks.append(mask)
-        other = dict(attrs, color=wanted[i]["color"], shape=rng.choice([s for s in SHAPES if s != attrs["shape"]]).item())
-        asked.append(other)
-    raw = edit(pipe, images, sources, [shape_caption(**a) for a in asked], 1.0, masks=masks, paste=False)
-    outside = [psnr(r[~m], im[~m]) for r, m, im in zip(raw, masks, images)]
-    painted = [np.where(m[..., None], r, im) for r, m, im in zip(raw, masks, images)]
-    filled = 0
-    for pixels, want in zip(painted, asked):
-        found = measure_image(pixels)
-        filled += all(found[k] == want[k] for k in ("color", "shape", "position"))
-    right = 0
-    for pixels, want in zip(edited, wanted):
-        found = measure_image(pixels)
-        right += all(found[k] == want[k] for k in ("color", "shape", "position"))
+        other = rng.choice([s for s in SHAPES if s != wanted[i]["shape"]]).item()
+        asked.append(dict(wanted[i], shape=other))
+    raw = edit(pipe, generated, sources, [shape_caption(**a) for a in asked], 1.0, masks=masks, paste=False)
+    outside = [psnr(r[~m], im[~m]) for r, m, im in zip(raw, masks, generated)]
+    filled = read_right([np.where(m[..., None], r, im) for r, m, im in zip(raw, masks, generated)], asked)
     if picture is not None:
-        rows = [np.concatenate([images[i], np.full((32, 2, 3), 255, np.uint8), same[i],
-                                np.full((32, 2, 3), 255, np.uint8), edited[i]], axis=1) for i in range(6)]
+        gap = np.full((32, 2, 3), 255, np.uint8)
+        rows = [np.concatenate([rendered[i], gap, same[i], gap, edited[i]], axis=1) for i in range(6)]
         grid = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 255, np.uint8)]) for r in rows])
         Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.Resampling.NEAREST).save(picture)
     return (f"{n} images: same caption reproduces them at {np.mean(quality):.1f} dB PSNR (lowest "
