@@ -127,6 +127,12 @@ class Scorer:
             out.append(mean + self.noise_std * eps)
         return torch.stack(out)
 
+    @property
+    def dims(self) -> int:
+        """D, the latent dimensions of one sample (C x H x W, x T for video)."""
+        pipe = self.pipe
+        return pipe.prepare_latents(1, *pipe.image_size()[0], pipe.trained_frames, seed=0)[0].numel()
+
     @torch.no_grad()
     def text(self, captions: list[str]) -> torch.Tensor | None:
         """Text embeddings (B, txt_size, width) worded as the checkpoint was trained (None for a model without)."""
@@ -144,7 +150,6 @@ class Scorer:
         for x in latents:
             z, _, _, logdets = model(x, y)
             B, D = z.size(0), z[0].numel()
-            self.dims = D
             prior = 0.5 * (z.float().pow(2).flatten(1).sum(1) + D * LOG_2PI)
             blocks = torch.stack([-ld.float().reshape(B, -1).sum(1) for ld in logdets], dim=1)
             one = {"prior": prior, "blocks": blocks, "nll": prior + blocks.sum(1)}
