@@ -115,10 +115,10 @@ def test_inversion_is_exact_and_a_colour_edit_keeps_the_rest(pipe, images, tmp_p
     with torch.no_grad():
         mean = pipe.vae.encode(pixels, sample=False)
     assert ((back - mean).norm() / mean.norm()).item() < 1e-4  # the flow's inverse, up to float rounding
-    same = edit.edit(pipe, files, CAPTIONS, CAPTIONS)
+    same = pipe.edit(files, CAPTIONS, CAPTIONS).as_uint8()
     assert min(edit.psnr(a, render_shape(**s)) for a, s in zip(same, SHAPES)) > 30
     targets = [c.replace("red", "green").replace("blue", "purple").replace("yellow", "orange") for c in CAPTIONS]
-    for pixels, attrs, color in zip(edit.edit(pipe, files, CAPTIONS, targets), SHAPES, ("green", "purple", "orange")):
+    for pixels, attrs, color in zip(pipe.edit(files, CAPTIONS, targets).as_uint8(), SHAPES, ("green", "purple", "orange")):
         found = measure_image(pixels)
         assert (found["color"], found["shape"], found["position"]) == (color, attrs["shape"], attrs["position"])
     code, err = cli_error(edit.main, ["--checkpoint", IMAGE_CKPT, "--input_image", str(tmp_path / "no.png"),
@@ -146,6 +146,80 @@ def test_inpainting_regenerates_the_mask_and_keeps_the_rest(pipe, images, tmp_pa
     assert (found["color"], found["shape"], found["position"]) == ("green", "triangle", "left")
     outside = mask[..., 0] == 0
     assert (painted[outside] == render_shape(**SHAPES[0])[outside]).all()
+
+
+def box_mask(pixels: np.ndarray, margin: int = 3) -> np.ndarray:
+    """(H, W) bool: the box around the shape's ink plus a margin."""
+    ink = pixels.min(-1) < 200
+    rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    mask = np.zeros(pixels.shape[:2], bool)
+    mask[max(rows[0] - margin, 0):rows[-1] + margin + 1, max(columns[0] - margin, 0):columns[-1] + margin + 1] = True
+    return mask
+
+
+def test_sample_py_inpaints_an_image(images, tmp_path):
+    """sample.py --input_image --mask with an image model: the picture inverted under the caption, the tokens
+    under the mask drawn anew; the masked box repainted as the caption says, every pixel outside kept."""
+    import sample
+    from scripts.eval_shapes import measure_image
+
+    picture = render_shape(**SHAPES[0])
+    mask = box_mask(picture)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    (tmp_path / "caption.txt").write_text("a large green triangle on the left\n")
+    sample.main(["--checkpoint_path", IMAGE_CKPT, "--input_image", str(images / "0.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--caption", str(tmp_path / "caption.txt"), "--save_folder", "1",
+                 "--logdir", str(tmp_path / "logs"), "--device", "cpu"])
+    (out,) = (tmp_path / "logs").rglob("*.png")
+    painted = np.asarray(Image.open(out).convert("RGB"))
+    found = measure_image(painted)
+    assert (found["color"], found["shape"], found["position"]) == ("green", "triangle", "left")
+    assert (painted[~mask] == picture[~mask]).all()
+    image, mask, missing = str(images / "0.png"), str(tmp_path / "mask.png"), str(tmp_path / "no.png")
+    for argv, message in ((["--mask", mask], "--mask needs --input_image (the picture to inpaint)"),
+                          (["--input_image", image, "--mask", missing], f"--mask {missing}: no such file"),
+                          (["--input_image", image], "--input_image needs a video model (--vid_size) or --mask "
+                                                     "(inpainting)")):
+        code, err = cli_error(sample.main, ["--checkpoint_path", IMAGE_CKPT, "--caption", "a red circle", *argv])
+        assert code == 2 and err.strip() == f"error: {message}", err
+
+
+def test_a_videos_first_frame_is_edited_and_inpainted_and_the_video_follows(tmp_path):
+    """Video models (STARFlowPipeline.edit): the picture is the first frame; its z alone is inverted (the deep
+    block is causal in time, the shallow blocks frame-local), so under its own caption the first frame comes back,
+    under another colour the video keeps shape and motion; inpainting keeps the first frame outside the mask and
+    the video moves the new shape the caption's way (also through sample.py --mask, as an MP4)."""
+    import sample
+    from scripts.edit import psnr
+    from scripts.eval_shapes import measure_video, read_sample
+    from utils.pipeline import STARFlowPipeline
+
+    video = STARFlowPipeline.from_pretrained("ckpts/starflow-v_shapes_t2v_32x32.safetensors", device="cpu")
+    video.set_progress_bar_config(disable=True)
+    attrs = dict(color="red", shape="circle", size="large", direction="right", offset=(0.5, 0.5))
+    first = render_shape(**attrs, frames=4)[0]
+    Image.fromarray(first).save(tmp_path / "first.png")
+    source = "a red circle moving right"
+    z = video.invert(first, source)
+    x = video.encode(torch.from_numpy(first).permute(2, 0, 1)[None].float() / 127.5 - 1)[:, None]
+    with torch.no_grad():
+        assert torch.allclose(video.model(torch.cat([x, x], 1), video.encode_prompt(
+            [source], None, 0.0, None, *video.resolve(0.0)[1:]))[0][:, :1], z, atol=1e-5)  # frame 0 alone
+    same, blue = video.edit([first, first], source, [source, "a blue circle moving right"]).as_uint8()
+    assert same.shape == (4, 32, 32, 3) and psnr(same[0], first) > 30
+    assert measure_video(blue) == dict(color="blue", shape="circle", direction="right")
+    mask = box_mask(first)
+    painted = video.edit(first, source, "a green square moving right", 1.0, 3.0, mask=mask).as_uint8()[0]
+    assert (painted[0][~mask] == first[~mask]).all()
+    assert measure_video(painted) == dict(color="green", shape="square", direction="right")
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    (tmp_path / "caption.txt").write_text("a green square moving right\n")
+    sample.main(["--checkpoint_path", "ckpts/starflow-v_shapes_t2v_32x32.safetensors", "--input_image",
+                 str(tmp_path / "first.png"), "--mask", str(tmp_path / "mask.png"), "--caption",
+                 str(tmp_path / "caption.txt"), "--save_folder", "1", "--logdir", str(tmp_path / "logs"),
+                 "--device", "cpu"])
+    (out,) = (tmp_path / "logs").rglob("*.mp4")
+    assert measure_video(read_sample(out)) == dict(color="green", shape="square", direction="right")
 
 
 def test_shard_samples_are_scored_under_their_own_captions(pipe, images, tmp_path):

@@ -197,6 +197,32 @@ def check_inpainting(block, out, root):
         [("green", "triangle", "left"), ("blue", "square", "left")], painted
 
 
+def check_sample_inpainting(block, out, root):
+    from scripts.eval_shapes import measure_image, read_sample
+    from scripts.extract_images import cut
+
+    grid = read_sample(root / "outputs" / "starflow_shapes_t2i_32x32" / "samples-00000.png")
+    kept = read_sample(root / "misc" / "likelihood" / "red_circle.png")
+    outside = read_sample(root / "misc" / "inpaint_mask.png").mean(-1) < 128
+    for tile in cut(grid, 2, 2, 32, 32):
+        found = measure_image(tile)
+        assert (found["color"], found["shape"], found["position"]) == ("green", "triangle", "left"), found
+        assert (tile[outside] == kept[outside]).all()
+
+
+def check_video_editing(block, out, root):
+    from scripts.eval_shapes import measure_video, read_sample
+
+    stated = float(re.search(r"reconstruction \(same caption\): ([\d.]+) dB", block.text).group(1))
+    got = float(re.search(r"reconstruction \(same caption\): ([\d.]+) dB", out.stdout).group(1))
+    assert abs(got - stated) <= 0.3, out.stdout
+    videos = [root / "outputs" / folder / f"red_circle-edit-{k}.mp4" for folder in ("edit_video", "inpaint_video")
+              for k in range(2)]
+    assert [measure_video(read_sample(v)) for v in videos] == [
+        dict(color=c, shape=s, direction="right") for c, s in
+        (("blue", "circle"), ("red", "triangle"), ("green", "square"), ("purple", "triangle"))]
+
+
 def check_model_snippet(block, out, root):
     assert out.returncode == 0
 
@@ -214,6 +240,8 @@ RUN = {
     "python -m scripts.likelihood --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --inputs": check_likelihood,
     "python -m scripts.edit --checkpoint ckpts/starflow_shapes_t2i_32x32.safetensors --input_image": check_editing,
     "python -m scripts.edit --mask misc/inpaint_mask.png": check_inpainting,
+    "python sample.py --checkpoint_path ckpts/starflow_shapes_t2i_32x32.safetensors --input_image": check_sample_inpainting,
+    "python -m scripts.edit --checkpoint ckpts/starflow-v_shapes_t2v_32x32.safetensors": check_video_editing,
     "import torch": check_model_snippet,
 }
 COVERED = {  # block -> the tests that run its commands (the suite itself, servers)

@@ -354,7 +354,11 @@ def add_sampling_args(p: argparse.ArgumentParser):
                    help="an exported .safetensors, a training checkpoint folder, or an official .pth (with its YAML)")
     g.add_argument("--caption", type=str, default=None, help="a caption, a template name, or a .txt file with one "
                    "caption per line")
-    g.add_argument("--input_image", type=str, default=None, help="video: an image file as the first frame")
+    g.add_argument("--input_image", type=str, default=None, help="video: an image file as the first frame; with "
+                   "--mask, the picture to inpaint")
+    g.add_argument("--mask", type=str, default=None, help="inpainting --input_image: a picture whose white (bright) "
+                   "pixels are regenerated under the caption, the rest kept (video models: the first frame, and the "
+                   "video continues from it)")
     g.add_argument("--aspect_ratio", choices=["random"] + ASPECT_RATIOS, default="1:1",
                    help="width:height of the samples, with --mix_aspect models")
     g.add_argument("--out_fps", type=POSITIVE, default=None,

@@ -12,6 +12,7 @@ on its own caption, seed and index only (`prepare_latents`), never on the rest o
 """
 import contextlib
 import dataclasses
+import math
 import secrets
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,20 @@ def load_first_frame(image, size: tuple[int, int]) -> torch.Tensor:
     left, top = (image.width - w) // 2, (image.height - h) // 2
     pixels = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.float32)
     return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+
+
+def load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
+    """An inpainting mask -> (h, w) bool, True = regenerate: a (h, w) array at the model's size (nonzero = True),
+    or a picture (path, PIL image or (H, W, 3) uint8 array) whose bright pixels are regenerated, center-cropped and
+    resized like the picture it masks (load_first_frame).  Raises FileNotFoundError for a missing file,
+    ConfigError for a 2-D array of another size."""
+    if isinstance(mask, (str, Path)) and not Path(mask).is_file():
+        raise FileNotFoundError(f"--mask {mask}: no such file")
+    if isinstance(mask, (np.ndarray, torch.Tensor)) and mask.ndim == 2:
+        if tuple(mask.shape) != tuple(size):
+            raise ConfigError(f"a mask of {tuple(mask.shape)} pixels for pictures of {tuple(size)}")
+        return torch.as_tensor(np.asarray(mask)).bool()
+    return load_first_frame(mask, size).mean(0) > 0
 
 
 def flags_to_argv(options: dict) -> list[str]:
@@ -277,27 +292,89 @@ class STARFlowPipeline:
     @torch.no_grad()
     def invert(self, images, prompt: "str | list[str]", height: int | None = None, width: int | None = None,
                aspect_ratio: str | None = None) -> torch.Tensor:
-        """The flow's Gaussian z of real images (image models): each picture (path, PIL image or uint8 array; one or
-        a list), center-cropped to the model's size, through the VAE (its posterior mean: no noise, so the inverse
-        is exact) and the flow's forward pass under its `prompt` (one for all, or one per image; unguided).
+        """The flow's Gaussian z of real images: each picture (path, PIL image or uint8 array; one or a list),
+        center-cropped to the model's size, through the VAE (its posterior mean: no noise, so the inverse is exact)
+        and the flow's forward pass under its `prompt` (one for all, or one per image; unguided).
 
-        `pipe(prompt, latents=z, guidance_scale=0, self_denoise=False)` gives the images back up to the VAE; another
-        prompt edits them, keeping what it does not change (training-free editing, as the STARFlow paper shows).
-        Returns (B, C, H, W) latents of the flow's z.  Raises ConfigError (one line) for a video model or a prompt count
-        that does not match, FileNotFoundError for a missing file."""
-        if self.trained_frames > 1:
-            raise ConfigError("invert: image models only (this checkpoint is a video model)")
+        Image models: (B, C, h, w).  Video models: the picture as a video's first frame, (B, 1, C, h, w); its z
+        depends on that frame alone (the deep block is causal in time and the shallow blocks see one frame), so it
+        is the first latent frame of any video that starts with the picture.  `pipe(prompt, latents=z,
+        guidance_scale=0, self_denoise=False)` gives the images back up to the VAE; another prompt edits them,
+        keeping what it does not change (training-free editing, as the STARFlow paper shows; see `edit`).
+        Raises ConfigError (one line) for a prompt count that does not match, FileNotFoundError for a missing
+        file."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ConfigError(f"{len(prompts)} prompts for {len(images)} images")
         (h, w), ratio = self.image_size(height, width, aspect_ratio)
         latents = self.encode(torch.stack([load_first_frame(image, (h, w)) for image in images]))
+        if self.trained_frames > 1:
+            latents = latents[:, None]
         _, fps, noise_std = self.resolve(0.0)
         y = self.encode_prompt(prompts, None, 0.0, ratio, fps, noise_std)
         with self._autocast():
             z, _, _, _ = self.model(latents, y)
         return z.float()
+
+    @torch.no_grad()
+    def edit(self, image, source_prompt: "str | list[str]", prompt: "str | list[str]", strength: float = 0.0,
+             guidance_scale: float = 0.0, mask=None, seed: int = 0, indices: list[int] | None = None,
+             num_frames: int | None = None, paste: bool = True, output_type: str = "pil") -> STARFlowOutput:
+        """Training-free editing and inpainting of real pictures (the STARFlow paper's editing; the paper shows it,
+        the official release has no code for it): each picture is inverted under its `source_prompt` (`invert`),
+        fresh noise is mixed into z, sqrt(1 - strength^2) z + strength eps, and z is decoded under its `prompt`
+        (each one for all pictures or one per picture) with `guidance_scale` (0: none).  strength 0 keeps the most
+        of the picture, 1 is a new sample of the prompt.
+
+        `mask` (inpainting; a path, PIL image, (H, W) array, or one per picture): its bright pixels, center-cropped
+        like the picture, are regenerated: the noise is mixed in only at the latent tokens whose pixels a mask
+        touches, and with `paste` the pixels outside the mask are the input's.  Video models edit the picture as
+        the first frame and continue it for `num_frames` (default: the trained length): the first latent frame is
+        the picture's z (mixed as above), the later ones fresh noise, so the video follows the edited frame.
+        Decoding: with strength 0 an image model's output is decoded by the VAE's own decoder (the latents are as
+        clean as the inverted ones; LatentVAE.base_decoder), else by the run's (e.g. --finetuned_vae), unguided
+        by the Tweedie step.
+        eps is drawn as `prepare_latents` draws (seed, indices[j]): a picture's edit does not depend on its batch.
+        Returns a STARFlowOutput as `__call__` does; raises ConfigError for a strength outside [0, 1] or counts
+        that do not match."""
+        if not 0 <= strength <= 1:
+            raise ConfigError(f"strength {strength}: must be in [0, 1]")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ConfigError(f"{len(prompts)} prompts for {len(images)} pictures")
+        (h, w), _ = self.image_size()
+        z = self.invert(images, source_prompt)
+        frames = self.video_length(num_frames)[0] if self.trained_frames > 1 else 1
+        eps = self.prepare_latents(len(z), h, w, frames, seed, indices)
+        first = eps[:, :1] if frames > 1 else eps
+        mixed = math.sqrt(1 - strength ** 2) * z + strength * first
+        if mask is not None:  # a latent token is regenerated when its patch of pixels holds any masked pixel
+            masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(images)
+            if len(masks) != len(images):
+                raise ConfigError(f"{len(masks)} masks for {len(images)} pictures")
+            inside = torch.stack([load_mask(m, (h, w)) for m in masks])  # (B, H, W)
+            tokens = torch.nn.functional.max_pool2d(inside[:, None].float(), self.factor).to(z.device) > 0
+            mixed = torch.where(tokens[:, None] if frames > 1 else tokens, mixed, z)
+        z = torch.cat([mixed, eps[:, 1:]], dim=1) if frames > 1 else mixed
+        # without fresh noise an image's latents come out as clean as the inverted posterior mean: the VAE's own
+        # decoder gives them back (45 dB on shapes, against 36.5 through the decoder fine-tuned on noisy latents).
+        # A video's later frames are drawn from noise, so videos keep the run's decoder.
+        clean = strength == 0 and frames == 1 and self.vae is not None
+        with self.vae.base_decoder() if clean else contextlib.nullcontext():
+            out = self(prompts, latents=z, guidance_scale=guidance_scale,
+                       num_frames=num_frames if frames > 1 else None, self_denoise=False,
+                       output_type="latent" if output_type == "latent" else "pt")
+        if output_type == "latent":
+            return out
+        key = "frames" if frames > 1 else "images"
+        pixels = getattr(out, key) * 2 - 1  # back to [-1, 1]
+        if mask is not None and paste:
+            kept = torch.stack([load_first_frame(im, (h, w)) for im in images])
+            first = pixels[:, 0] if frames > 1 else pixels
+            first.copy_(torch.where(inside[:, None], first, kept))
+        return dataclasses.replace(out, **{key: self._convert(pixels, output_type)})
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ def calibrate_decoding(args, procs, captions, pipe: STARFlowPipeline):
     if procs.world_size > 1:
         raise ConfigError("--calibrate_decoding times this device alone: run it with plain python, not torchrun")
     if args.target_length or args.input_image:
-        raise ConfigError("--calibrate_decoding calibrates plain generation: drop --target_length and --input_image")
+        flag = "--input_image" if args.input_image else "--target_length"
+        raise ConfigError(f"--calibrate_decoding calibrates plain generation: drop {flag}")
     n = args.calibrate_decoding
     captions = (captions * n)[:n]
     (h, w), ratio = pipe.image_size()
@@ -81,9 +82,15 @@ def calibrate_decoding(args, procs, captions, pipe: STARFlowPipeline):
 def sample(args):
     """Run a parsed sample.py configuration: sample every caption (split across torchrun's processes) and write the
     outputs, or, with --calibrate_decoding, calibrate and store a decoding plan."""
-    if parse_vid_size(args.vid_size)[0] == 1 and (args.input_image or args.target_length):
+    if args.mask and not args.input_image:
+        raise ConfigError("--mask needs --input_image (the picture to inpaint)")
+    for flag, path in (("--input_image", args.input_image), ("--mask", args.mask)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if parse_vid_size(args.vid_size)[0] == 1 and ((args.input_image and not args.mask) or args.target_length):
         flag = "--input_image" if args.input_image else "--target_length"
-        raise ConfigError(f"{flag} needs a video model (--vid_size)")
+        raise ConfigError(f"{flag} needs a video model (--vid_size)" + (" or --mask (inpainting)" if
+                                                                          args.input_image else ""))
     if args.aspect_ratio != "1:1" and not args.mix_aspect:
         raise ConfigError(f"--aspect_ratio {args.aspect_ratio}: this model was trained on square images only "
                           f"(without --mix_aspect)")
@@ -115,9 +122,14 @@ def sample(args):
         ratio = args.aspect_ratio if args.mix_aspect else None
         if ratio == "random":
             ratio = ASPECT_RATIOS[np.random.default_rng(args.seed + idx[0]).integers(len(ASPECT_RATIOS))]
-        out = pipe([captions[i] for i in idx], aspect_ratio=ratio, num_frames=args.target_length,
-                   image=args.input_image, seed=args.seed, indices=idx, return_sequence=bool(args.return_sequence),
-                   verbose=bool(args.verbose))
+        batch = [captions[i] for i in idx]
+        if args.mask:  # inpainting: the picture inverted under each caption, the masked tokens drawn anew
+            out = pipe.edit([args.input_image] * len(idx), batch, batch, 1.0, args.cfg, args.mask, args.seed, idx,
+                            args.target_length)
+        else:
+            out = pipe(batch, aspect_ratio=ratio, num_frames=args.target_length, image=args.input_image,
+                       seed=args.seed, indices=idx, return_sequence=bool(args.return_sequence),
+                       verbose=bool(args.verbose))
         pixels = out.as_uint8()
         save = save_video if out.frames is not None else save_image
         suffix, extra = (".mp4", {"fps": out.fps}) if out.frames is not None else (".png", {})

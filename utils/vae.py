@@ -3,6 +3,7 @@
 Image VAEs (SD-VAE, SDXL-VAE: `AutoencoderKL`) and video VAEs (Wan2.1, Wan2.2: `AutoencoderKLWan`) share one wrapper,
 so the rest of the code sees one layout: images (B, C, H, W) and videos (B, T, C, H, W).
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -69,6 +70,7 @@ class LatentVAE(torch.nn.Module):
         if not temporal_scale > 0:
             raise ValueError(f"the temporal scale must be positive, got {temporal_scale}")
         self.temporal_scale = temporal_scale
+        self.base_weights: dict[str, torch.Tensor] = {}  # what load_finetuned replaced, on the CPU (base_decoder)
         self.downsample_factor, self.temporal_downsample_factor = downsample_factors(type(vae).__name__, config)
         if self.is_video:
             self.latent_channels = config.z_dim
@@ -156,7 +158,24 @@ class LatentVAE(torch.nn.Module):
         if unknown or mismatched:
             raise ValueError(f"fine-tuned VAE weights '{path}' do not fit {type(self.vae).__name__}: "
                              f"unknown keys {unknown}, shape mismatches {mismatched}")
+        self.base_weights = {k: own[k].detach().to("cpu", copy=True) for k in state}
         self.vae.load_state_dict(state, strict=False)
+
+    @contextlib.contextmanager
+    def base_decoder(self):
+        """Decode with the autoencoder's own weights inside the block: those that load_finetuned replaced are swapped
+        back in, then out again.  For clean latents (a real image's posterior mean, as inverted for editing), which
+        the base decoder reproduces and a decoder fine-tuned on noisy latents blurs; a no-op without one."""
+        if not self.base_weights:
+            yield
+            return
+        own = self.vae.state_dict()
+        tuned = {k: own[k].detach().clone() for k in self.base_weights}
+        self.vae.load_state_dict(self.base_weights, strict=False)
+        try:
+            yield
+        finally:
+            self.vae.load_state_dict(tuned, strict=False)
 
 
 def setup_vae(name: str, finetuned: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> LatentVAE:
