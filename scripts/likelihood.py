@@ -174,6 +174,17 @@ class Scorer:
         return per_token
 
 
+def stack_pictures(paths: list[Path], out: Path, gap: int = 8):
+    """PNGs one above the other (left-aligned, `gap` white pixels between them) as one PNG."""
+    from scripts.eval_shapes import read_sample
+    from utils.media import save_image
+
+    pictures = [read_sample(path) for path in paths]
+    width = max(x.shape[1] for x in pictures)
+    rows = [np.pad(x, ((0, gap), (0, width - x.shape[1]), (0, 0)), constant_values=255) for x in pictures]
+    save_image(np.concatenate(rows)[:-gap], out)
+
+
 def heatmap_png(pixels: np.ndarray, per_token: np.ndarray, path: Path, lo: float, hi: float):
     """The input beside its per-token NLL map, upsampled (nearest) to the picture, colour-mapped from lo to hi nats;
     a video's frames in a row above their maps."""
@@ -366,6 +377,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--batch", type=int, default=16, help="inputs per forward pass")
     p.add_argument("--heatmaps", type=Path, help="folder for one per-token NLL heatmap PNG per input (images)")
+    p.add_argument("--picture", type=Path, help="with --heatmaps: one PNG of all the heatmaps, top to bottom")
     p.add_argument("--output", type=Path, help="JSON lines file (default: <checkpoint stem>-likelihood.jsonl)")
     p.add_argument("--shapes_eval", type=int, default=0, metavar="N",
                    help="shapes image checkpoints: N in-distribution vs N out-of-distribution images, and zero-shot "
@@ -376,6 +388,8 @@ def main(argv=None):
         raise ConfigError("give --caption or --captions, not both")
     if not args.inputs and not args.shapes_eval:
         raise ConfigError("nothing to score: give --inputs (files or folders) or --shapes_eval N")
+    if args.picture is not None and args.heatmaps is None:
+        raise ConfigError("--picture stacks the heatmaps: give --heatmaps DIR too")
     for flag, value in (("--batch", args.batch), ("--draws", args.draws)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be at least 1")
@@ -433,7 +447,10 @@ def main(argv=None):
     print(summary(records))
     if candidates:
         print("best candidate per input:\n" + "\n".join(f"  {r['input']}: {r['best']}" for r in records))
-    print(f"wrote {output}" + (f" and {len(records)} heatmaps to {args.heatmaps}" if args.heatmaps else ""))
+    if args.picture is not None:
+        stack_pictures([Path(r["heatmap"]) for r in records], args.picture)
+    print(f"wrote {output}" + (f" and {len(records)} heatmaps to {args.heatmaps}" if args.heatmaps else "") +
+          (f"; picture {args.picture}" if args.picture is not None else ""))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,15 @@ def readme_figure(row_start: str) -> str:
     return re.search(r"\*\*([\d.]+%)\*\*", row).group(1)
 
 
+def same_picture(root: Path, name: str, levels: float = 0.0):
+    """The README picture misc/NAME as the block's command wrote it in the clone is the repository's (within a mean
+    of `levels` grey levels: Jacobi decoding moves a pixel by a level or two)."""
+    from scripts.eval_shapes import read_sample
+
+    made, shipped = (read_sample(r / "misc" / name).astype(float) for r in (root, ROOT))
+    assert made.shape == shipped.shape and abs(made - shipped).mean() <= levels, name
+
+
 def shapes_of(path: Path) -> list[dict]:
     from scripts.eval_shapes import measure_image, read_sample
 
@@ -179,6 +188,7 @@ def check_likelihood(block, out, root):
             f"{black['bits_per_dim']:.2f}"] == stated, (stated, records)
     assert plain["best"] == "a large red circle on the left"
     assert (root / "outputs" / "likelihood" / "red_circle_on_black-nll.png").is_file()
+    same_picture(root, "likelihood_maps.png")
 
 
 def check_editing(block, out, root):
@@ -189,12 +199,14 @@ def check_editing(block, out, root):
     edits = [shapes_of(root / "outputs" / "edit" / f"red_circle-edit-{k}.png")[0] for k in range(3)]
     assert [(e["color"], e["shape"], e["position"]) for e in edits] == \
         [("blue", "circle", "left"), ("red", "square", "left"), ("red", "circle", "right")], edits
+    same_picture(root, "edit_red_circle.png", 1.0)
 
 
 def check_inpainting(block, out, root):
     painted = [shapes_of(root / "outputs" / "inpaint" / f"red_circle-edit-{k}.png")[0] for k in range(2)]
     assert [(e["color"], e["shape"], e["position"]) for e in painted] == \
         [("green", "triangle", "left"), ("blue", "square", "left")], painted
+    same_picture(root, "inpaint_red_circle.png", 1.0)
 
 
 def check_sample_inpainting(block, out, root):
@@ -221,6 +233,8 @@ def check_video_editing(block, out, root):
     assert [measure_video(read_sample(v)) for v in videos] == [
         dict(color=c, shape=s, direction="right") for c, s in
         (("blue", "circle"), ("red", "triangle"), ("green", "square"), ("purple", "triangle"))]
+    same_picture(root, "edit_video.png", 1.0)
+    same_picture(root, "inpaint_video.png", 1.0)
 
 
 def check_model_snippet(block, out, root):
