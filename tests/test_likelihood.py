@@ -148,6 +148,28 @@ def test_inpainting_regenerates_the_mask_and_keeps_the_rest(pipe, images, tmp_pa
     assert (painted[outside] == render_shape(**SHAPES[0])[outside]).all()
 
 
+def test_torchrun_splits_the_inputs_and_gives_one_processs_numbers(images, tmp_path):
+    """scripts/likelihood.py under torchrun (2 processes on gloo): each scores its share of the inputs, and the
+    JSONL has one process's lines in the inputs' order, with its numbers (each input's noise is its own)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["-m", "scripts.likelihood", "--checkpoint", IMAGE_CKPT, "--inputs", str(images), "--caption",
+            CAPTIONS[0], "--draws", "1", "--device", "cpu", "--output"]
+    for launcher, name in (([], "one.jsonl"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                "2"], "two.jsonl")):
+        done = subprocess.run([sys.executable, *launcher, *argv, str(tmp_path / name)], cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+                for name in ("one.jsonl", "two.jsonl"))
+    assert [r["input"] for r in two] == [str(images / f"{i}.png") for i in range(3)] == [r["input"] for r in one]
+    for a, b in zip(one, two):
+        assert b["bits_per_dim"] == pytest.approx(a["bits_per_dim"], rel=1e-6)
+
+
 def box_mask(pixels: np.ndarray, margin: int = 3) -> np.ndarray:
     """(H, W) bool: the box around the shape's ink plus a margin."""
     ink = pixels.min(-1) < 200
