@@ -14,7 +14,7 @@ import pytest
 from conftest import concurrently
 
 from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, parse_vid_size, shape_caption
-from scripts.eval_shapes import evaluate, make_captions, parse_caption, read_sample
+from scripts.eval_shapes import evaluate, make_captions, measure_image, parse_caption, read_sample
 from scripts.extract_images import cut
 from utils.config import GROUPS, build_parser, parse_config
 from utils.model_setup import load_weights, setup_transformer, stored_metadata
@@ -110,6 +110,11 @@ def test_demo_script(tmp_path):
         captions = (tmp_path / "demo" / f"{kind}_captions.txt").read_text().splitlines()
         result = evaluate(captions, list(cut(pixels, rows, columns, 32, 32)))
         assert right(result) >= need, (kind, result["samples"])
+    # every frame has its caption's colour, not only most of them (the green triangle's second frame was red before
+    # the video checkpoint stored self_denoise: on)
+    captions = (tmp_path / "demo" / "video_captions.txt").read_text().splitlines()
+    for tile, caption in zip(cut(frames, 2, 2, 32, 32), captions):
+        assert [measure_image(f)["color"] for f in tile] == [parse_caption(caption)["color"]] * 4, caption
 
 
 @pytest.mark.parametrize("name", MODELS)
