@@ -254,6 +254,9 @@ def sample_files(captions: list[str], folder: Path) -> list[Path]:
     """<folder>/<i:05d>.png, or .mp4 for a video caption; FileNotFoundError naming the first one missing."""
     files = [folder / f"{i:05d}{'.mp4' if 'direction' in parse_caption(c) else '.png'}"
              for i, c in enumerate(captions)]
+    written = folder / "captions.txt"  # sample.py --save_folder 1 records the captions it sampled
+    if written.is_file() and written.read_text(encoding="utf-8").splitlines() != list(captions):
+        raise ValueError(f"{folder} holds samples of other captions than these (its {written.name} differs)")
     missing = next((f for f in files if not f.is_file()), None)
     if missing is not None:
         raise FileNotFoundError(f"{missing}: no such sample ({len(captions)} captions need {len(captions)} files)")
@@ -357,11 +360,13 @@ def main(argv=None):
         return
     if args.captions is None or args.samples is None:
         sys.exit("error: give --captions FILE.txt and --samples DIR (or --make_captions FILE.txt)")
-    if not args.captions.is_file():
-        sys.exit(f"error: --captions {args.captions}: no such file")
-    captions = [line.strip() for line in args.captions.read_text(encoding="utf-8").splitlines()]
-    while captions and not captions[-1]:  # a trailing newline is not a caption
-        captions.pop()
+    from utils.config import ConfigError
+    from utils.files import read_lines
+
+    try:  # as sample.py reads them, so line i is sample i
+        captions = read_lines(args.captions, "--captions")
+    except (FileNotFoundError, ConfigError) as err:
+        sys.exit(f"error: {err}")
     for i, text in enumerate(captions):
         try:
             parse_caption(text)

@@ -154,9 +154,11 @@ def check_parameter_count(block, out, root):
     assert "3,858,281,544" in out.stdout
 
 
-def check_sampling(block, out, root):
-    image = shapes_of(root / "logs" / "starflow_shapes_t2i_32x32" / "samples-00000.png")[0]
+def check_sampling(block, out, root):  # the demo block's purple sample is kept: this red one is the second
+    folder = root / "logs" / "starflow_shapes_t2i_32x32"
+    image = shapes_of(folder / "samples-2-00000.png")[0]
     assert image["color"] == "red" and image["shape"] is not None, image
+    assert shapes_of(folder / "samples-00000.png")[0]["color"] == "purple"
     assert len(list((root / "logs" / "starflow_shapes_t2i_32x32" / "captions").glob("*.png"))) == 180
 
 

@@ -283,6 +283,41 @@ def test_bad_sampling_flags_are_one_line(trained, tmp_path, capsys, kind, flags,
     assert not any(tmp_path.iterdir())
 
 
+def test_earlier_samples_are_kept_unless_overwrite(tmp_path, capsys):
+    """Sampling again under the same name keeps the earlier files: a grid goes to <name>-2-NNNNN.png, a
+    --save_folder folder to <name>-2/, each with a note; --overwrite replaces them.  A --save_folder folder records
+    its captions, and the evaluator refuses to score it against other captions."""
+    import sample as sample_py
+    from scripts import eval_shapes
+
+    ckpt, logdir = str(ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors"), tmp_path / "logs"
+    folder = logdir / "starflow_shapes_t2i_32x32"
+    grid = lambda caption, *more: sample_py.main(["--checkpoint_path", ckpt, "--caption", caption, "--logdir",
+                                                 str(logdir), "--sample_batch_size", "1", *more])
+    grid("a large red circle on the left")
+    grid("a large blue circle on the left")
+    note = capsys.readouterr().out
+    assert f"note: {folder / 'samples-00000.*'} holds earlier samples; these go to {folder / 'samples-2'}" in note
+    red, blue = read(folder / "samples-00000.png"), read(folder / "samples-2-00000.png")
+    assert red[..., 0].mean() > red[..., 2].mean() and blue[..., 2].mean() > blue[..., 0].mean()
+    grid("a large blue circle on the left", "--overwrite")
+    assert "holds earlier samples" not in capsys.readouterr().out
+    blue = read(folder / "samples-00000.png")
+    assert blue[..., 2].mean() > blue[..., 0].mean() and not (folder / "samples-3-00000.png").exists()
+    captions = tmp_path / "c.txt"
+    for text in ("a large red circle on the left", "a small green square on the right"):
+        captions.write_text(text + "\n")
+        sample_py.main(["--checkpoint_path", ckpt, "--caption", str(captions), "--save_folder", "1", "--logdir",
+                        str(logdir)])
+    assert "these go to" in capsys.readouterr().out
+    assert (folder / "c" / "captions.txt").read_text() == "a large red circle on the left\n"
+    assert (folder / "c-2" / "captions.txt").read_text() == "a small green square on the right\n"
+    with pytest.raises(SystemExit) as stop:  # c.txt now holds the second caption: folder c has the first's sample
+        eval_shapes.main(["--captions", str(captions), "--samples", str(folder / "c")])
+    assert str(stop.value) == f"error: {folder / 'c'} holds samples of other captions than these (its captions.txt differs)"
+    eval_shapes.main(["--captions", str(captions), "--samples", str(folder / "c-2")])
+
+
 def test_two_runs_model_files_never_overwrite_each_others_samples(tmp_path, capsys):
     """logs/runA/model.safetensors and logs/runB/model.safetensors share a file stem: the first one's samples go to
     <logdir>/model (its checkpoint.txt names it), the second one's to <logdir>/runB-model with a note; each goes back

@@ -359,6 +359,8 @@ def add_sampling_args(p: argparse.ArgumentParser):
     g.add_argument("--mask", type=str, default=None, help="inpainting --input_image: a picture whose white (bright) "
                    "pixels are regenerated under the caption, the rest kept (video models: the first frame, and the "
                    "video continues from it)")
+    switch(g, "overwrite", False, "replace earlier samples of the same name (default: keep them and write these "
+           "under a new name, said in a note)")
     g.add_argument("--aspect_ratio", choices=["random"] + ASPECT_RATIOS, default="1:1",
                    help="width:height of the samples, with --mix_aspect models")
     g.add_argument("--out_fps", type=POSITIVE, default=None,

@@ -28,6 +28,7 @@ TEMPLATES = {  # --caption <name>
 
 
 SOURCE_FILE = "checkpoint.txt"  # in an output folder: the checkpoint whose samples it holds
+CAPTIONS_FILE = "captions.txt"  # in a --save_folder folder: the captions of its files, line i for <i:05d>.png
 
 
 def output_folder(logdir: Path, checkpoint: str) -> Path:
@@ -79,6 +80,22 @@ def calibrate_decoding(args, procs, captions, pipe: STARFlowPipeline):
           f"{procs.device.type} at batch {n} written to {path}")
 
 
+def outputs_name(folder: Path, name: str, per_caption: bool, overwrite: bool) -> tuple[str, str | None]:
+    """The name of a run's outputs in `folder` (`name`-NNNNN.png|.mp4 grids, or a `name`/ folder of one file per
+    caption) and a note when it is not `name`: earlier outputs of that name are never replaced unless `overwrite`;
+    the run takes `name`-2, -3, ... instead."""
+    def taken(candidate: str) -> bool:
+        if per_caption:
+            return (folder / candidate).is_dir() and any((folder / candidate).iterdir())
+        return any(folder.glob(f"{candidate}-[0-9][0-9][0-9][0-9][0-9].*"))
+
+    if overwrite or not taken(name):
+        return name, None
+    free = next(f"{name}-{k}" for k in itertools.count(2) if not taken(f"{name}-{k}"))
+    shown = folder / name if per_caption else folder / f"{name}-00000.*"
+    return free, f"note: {shown} holds earlier samples; these go to {folder / free} (--overwrite replaces them)"
+
+
 def sample(args):
     """Run a parsed sample.py configuration: sample every caption (split across torchrun's processes) and write the
     outputs, or, with --calibrate_decoding, calibrate and store a decoding plan."""
@@ -106,14 +123,20 @@ def sample(args):
     mine = list(range(procs.rank, len(captions), procs.world_size))
     n_batches = math.ceil(math.ceil(len(captions) / procs.world_size) / args.sample_batch_size)
     out_dir = output_folder(Path(args.logdir), args.checkpoint_path)
+    per_caption = bool(args.save_folder) and args.caption.endswith(".txt")
+    name, note = outputs_name(out_dir, name, per_caption, args.overwrite)
     procs.barrier()  # every process has chosen before the first one claims the folder
     if procs.main:
         if out_dir.name != Path(args.checkpoint_path).stem:
             print(f"note: {out_dir.parent / Path(args.checkpoint_path).stem} holds another checkpoint's samples; "
                   f"these go to {out_dir}")
+        if note:
+            print(note)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SOURCE_FILE).write_text(f"{Path(args.checkpoint_path).resolve()}\n", encoding="utf-8")
-    per_caption = bool(args.save_folder) and args.caption.endswith(".txt")
+        if per_caption:
+            (out_dir / name).mkdir(exist_ok=True)
+            (out_dir / name / CAPTIONS_FILE).write_text("".join(f"{c}\n" for c in captions), encoding="utf-8")
     start = time.perf_counter()
     for b in tqdm(range(n_batches), disable=not procs.main, desc="sampling"):
         idx = mine[b * args.sample_batch_size:(b + 1) * args.sample_batch_size]
