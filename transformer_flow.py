@@ -928,9 +928,12 @@ def bits_per_dim(nll_nats: torch.Tensor | float) -> torch.Tensor | float:
     return (nll_nats + 0.5 * math.log(2 * math.pi)) / math.log(2)
 
 
-def load_official_state_dict(model: Model, state_dict: dict[str, torch.Tensor]) -> None:
+def load_official_state_dict(model: Model, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
     """Load an official STARFlow checkpoint (or one of ours) strictly, after dropping the official dead buffers.
 
+    With `assign` the checkpoint's tensors become the model's (cast to the model's dtypes; a no-op for tensors already
+    in them): a model built on the meta device is materialised without a second copy of the weights
+    (load_state_dict(..., assign=True)).
     Raises ValueError listing every missing, unexpected or mis-shaped tensor; the model is unchanged in that case.
     """
     dead = lambda k: k in OFFICIAL_DEAD_BUFFERS or k.endswith(".attn_mask")
@@ -943,4 +946,6 @@ def load_official_state_dict(model: Model, state_dict: dict[str, torch.Tensor]) 
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ValueError("checkpoint does not fit the model:\n  " + "\n  ".join(shown))
-    model.load_state_dict(state_dict, strict=True)
+    if assign:  # load_state_dict copies into the model's dtypes; assigned tensors are the model's, so cast them
+        state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=assign)

@@ -254,9 +254,9 @@ def sample_files(captions: list[str], folder: Path) -> list[Path]:
     """<folder>/<i:05d>.png, or .mp4 for a video caption; FileNotFoundError naming the first one missing."""
     files = [folder / f"{i:05d}{'.mp4' if 'direction' in parse_caption(c) else '.png'}"
              for i, c in enumerate(captions)]
-    written = folder / "captions.txt"  # sample.py --save_folder 1 records the captions it sampled
+    written = folder.with_name(folder.name + ".captions.txt")  # sample.py --save_folder 1: the captions it sampled
     if written.is_file() and written.read_text(encoding="utf-8").splitlines() != list(captions):
-        raise ValueError(f"{folder} holds samples of other captions than these (its {written.name} differs)")
+        raise ValueError(f"{folder} holds samples of other captions than these ({written} differs)")
     missing = next((f for f in files if not f.is_file()), None)
     if missing is not None:
         raise FileNotFoundError(f"{missing}: no such sample ({len(captions)} captions need {len(captions)} files)")

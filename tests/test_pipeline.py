@@ -101,6 +101,22 @@ def test_output_types_memory_options_and_one_load(pipes, monkeypatch):
     assert attributes(half(CAPTIONS["image"], seed=1).as_uint8()) == attributes(pil)
 
 
+def test_the_model_is_built_on_meta_and_materialised_from_the_checkpoint(monkeypatch):
+    """Loading holds one copy of the weights: the flow is built on the meta device (no random initialisation) and
+    the checkpoint's tensors, cast to fp32 one at a time, become its weights; nothing is left on meta."""
+    import utils.pipeline
+
+    built = []
+    real = utils.pipeline.load_weights
+    monkeypatch.setattr(utils.pipeline, "load_weights", lambda model, path: built.append(
+        all(t.is_meta for t in model.state_dict().values())) or real(model, path))
+    pipe = STARFlowPipeline.from_pretrained(IMAGE, device="cpu")
+    assert built == [True]
+    stored, loaded = load_file(IMAGE), pipe.model.state_dict()
+    assert stored.keys() == loaded.keys() and {v.dtype for v in stored.values()} == {torch.float16}
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()) for k, v in stored.items())
+
+
 def test_self_denoising_is_one_tweedie_step_before_the_decoder(pipes):
     """self_denoise "on" decodes x - noise_std^2 grad NLL(x | caption) of the flow's own samples (the Tweedie step,
     utils.inference) with whichever decoder is set; "off" decodes the samples as they are; "auto" is the official

@@ -285,8 +285,8 @@ def test_bad_sampling_flags_are_one_line(trained, tmp_path, capsys, kind, flags,
 
 def test_earlier_samples_are_kept_unless_overwrite(tmp_path, capsys):
     """Sampling again under the same name keeps the earlier files: a grid goes to <name>-2-NNNNN.png, a
-    --save_folder folder to <name>-2/, each with a note; --overwrite replaces them.  A --save_folder folder records
-    its captions, and the evaluator refuses to score it against other captions."""
+    --save_folder folder to <name>-2/, each with a note; --overwrite replaces them.  Beside a --save_folder folder
+    <name>.captions.txt records its captions, and the evaluator refuses to score it against other captions."""
     import sample as sample_py
     from scripts import eval_shapes
 
@@ -310,11 +310,12 @@ def test_earlier_samples_are_kept_unless_overwrite(tmp_path, capsys):
         sample_py.main(["--checkpoint_path", ckpt, "--caption", str(captions), "--save_folder", "1", "--logdir",
                         str(logdir)])
     assert "these go to" in capsys.readouterr().out
-    assert (folder / "c" / "captions.txt").read_text() == "a large red circle on the left\n"
-    assert (folder / "c-2" / "captions.txt").read_text() == "a small green square on the right\n"
+    assert (folder / "c.captions.txt").read_text() == "a large red circle on the left\n"
+    assert (folder / "c-2.captions.txt").read_text() == "a small green square on the right\n"
     with pytest.raises(SystemExit) as stop:  # c.txt now holds the second caption: folder c has the first's sample
         eval_shapes.main(["--captions", str(captions), "--samples", str(folder / "c")])
-    assert str(stop.value) == f"error: {folder / 'c'} holds samples of other captions than these (its captions.txt differs)"
+    assert str(stop.value) == (f"error: {folder / 'c'} holds samples of other captions than these "
+                               f"({folder / 'c.captions.txt'} differs)")
     eval_shapes.main(["--captions", str(captions), "--samples", str(folder / "c-2")])
 
 

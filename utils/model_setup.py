@@ -5,6 +5,7 @@
 builds the flow model on the meta device (nothing is downloaded) and reports its parameter counts; with
 `--components 1` it also loads the text encoder and the VAE, which checks that they can be had on this machine.
 """
+import itertools
 import json
 from pathlib import Path
 
@@ -100,8 +101,15 @@ def stored_metadata(path) -> dict:
 
 def load_weights(model: Model, path) -> None:
     """Load weights into `model` from an official .pth, an exported .safetensors, or a training checkpoint folder
-    (its EMA weights when it has them).  Strict: a missing, unexpected or mis-shaped tensor is an error naming it."""
+    (its EMA weights when it has them).  Strict: a missing, unexpected or mis-shaped tensor is an error naming it.
+
+    A model built on the meta device (`with torch.device("meta"): Model(...)`) is materialised from the file: the
+    checkpoint's tensors become its weights, so loading holds one copy of them, not a random initialisation beside
+    the checkpoint (a training checkpoint folder is loaded into memory allocated first)."""
     path = Path(path)
+    meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    if path.is_dir() and meta:
+        model.to_empty(device="cpu")
     if path.is_dir():
         import torch.distributed.checkpoint as dcp
 
@@ -119,20 +127,31 @@ def load_weights(model: Model, path) -> None:
         return
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file or folder")
+    # materialising: each tensor cast to the model's dtype as it is read (safetensors) or in place (a .pth), so the
+    # source of a cast is freed before the next: one copy of the weights
+    dtypes = {k: v.dtype for k, v in model.state_dict().items() if v.is_floating_point()} if meta else {}
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                state = {k: _cast(f.get_tensor(k), dtypes.get(k)) for k in f.keys()}
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            for k in state if isinstance(state, dict) and meta else ():
+                state[k] = _cast(state[k], dtypes.get(k)) if torch.is_tensor(state[k]) else state[k]
     except Exception as err:  # truncated, or not a checkpoint at all
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"checkpoint {path} is not a state dict of tensors")
     try:
-        load_official_state_dict(model, state)
+        load_official_state_dict(model, state, assign=meta)
     except ValueError as err:
         raise ValueError(f"checkpoint {path}: {err}") from None
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -159,11 +159,13 @@ class STARFlowPipeline:
         encoder_dtype = dtype or torch.float32
         text = TextEncoder.from_args(args, device, encoder_dtype)
         vae = setup_vae(args.vae, args.finetuned_vae, device, encoder_dtype) if args.vae and with_vae else None
-        if "config" in stored:
-            model = Model(ModelConfig(**stored["config"]))
+        if "config" in stored:  # built on the meta device: the checkpoint's tensors become the weights
+            with torch.device("meta"):
+                model = Model(ModelConfig(**stored["config"]))
         elif args.model_config_path is not None:
             factor = vae.downsample_factor if vae else None if args.vae else 1
-            model = setup_transformer(args, text.width if text else 0, factor)
+            with torch.device("meta"):
+                model = setup_transformer(args, text.width if text else 0, factor)
         else:
             raise ConfigError(f"--checkpoint_path {path} stores no model configuration (an official checkpoint?): "
                               f"pass its --model_config_path")
@@ -457,9 +459,10 @@ class STARFlowPipeline:
         y_cond = None if y is None else y[:len(prompts)]
 
         caches = [KVCache() for _ in model.blocks]
+        given = None
         if image is not None:
             # the posterior mean: the noise below is the only randomness
-            first = self.encode(load_first_frame(image, (h, w))[None])
+            first = given = self.encode(load_first_frame(image, (h, w))[None])
             if generator is not None:
                 jitter = torch.randn((len(z), *first.shape[1:]), generator=generator, device=generator.device)
             elif drawn is not None:  # the next draw of each sample's own stream
@@ -499,6 +502,8 @@ class STARFlowPipeline:
                     denoised = denoise(model, final, y_cond, noise_std, learnable,
                                        denoising_batch_size or args.denoising_batch_size,
                                        model.blocks[-1].local_attn_window, model.config.denoiser_window)
+                    if given is not None:  # the given first frame is known clean: the caption must not move it
+                        denoised[:, 0] = given.to(denoised)
                 pixels = denoised if output_type == "latent" else self.decode(denoised)
         finally:
             model.blocks[-1].local_attn_window = window

@@ -28,7 +28,7 @@ TEMPLATES = {  # --caption <name>
 
 
 SOURCE_FILE = "checkpoint.txt"  # in an output folder: the checkpoint whose samples it holds
-CAPTIONS_FILE = "captions.txt"  # in a --save_folder folder: the captions of its files, line i for <i:05d>.png
+CAPTIONS_SUFFIX = ".captions.txt"  # beside a --save_folder folder <name>/: its captions, line i for <i:05d>.png
 
 
 def output_folder(logdir: Path, checkpoint: str) -> Path:
@@ -135,8 +135,7 @@ def sample(args):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SOURCE_FILE).write_text(f"{Path(args.checkpoint_path).resolve()}\n", encoding="utf-8")
         if per_caption:
-            (out_dir / name).mkdir(exist_ok=True)
-            (out_dir / name / CAPTIONS_FILE).write_text("".join(f"{c}\n" for c in captions), encoding="utf-8")
+            (out_dir / f"{name}{CAPTIONS_SUFFIX}").write_text("".join(f"{c}\n" for c in captions), encoding="utf-8")
     start = time.perf_counter()
     for b in tqdm(range(n_batches), disable=not procs.main, desc="sampling"):
         idx = mine[b * args.sample_batch_size:(b + 1) * args.sample_batch_size]
