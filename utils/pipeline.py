@@ -335,8 +335,8 @@ class STARFlowPipeline:
         the first frame and continue it for `num_frames` (default: the trained length): the first latent frame is
         the picture's z (mixed as above), the later ones fresh noise, so the video follows the edited frame.
         Decoding: with strength 0 an image model's output is decoded by the VAE's own decoder (the latents are as
-        clean as the inverted ones; LatentVAE.base_decoder), else by the run's (e.g. --finetuned_vae), unguided
-        by the Tweedie step.
+        clean as the inverted ones; LatentVAE.base_decoder), else by the run's (e.g. --finetuned_vae); edits skip
+        the Tweedie step.
         eps is drawn as `prepare_latents` draws (seed, indices[j]): a picture's edit does not depend on its batch.
         Returns a STARFlowOutput as `__call__` does; raises ConfigError for a strength outside [0, 1] or counts
         that do not match."""
