@@ -284,13 +284,17 @@ class Log:
 class Stop:
     """Stopping early without losing anything: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before they kill
     a job) or the --time_limit (wall-clock seconds since the start) ask the run to stop after its current step.
-    Every step the ranks agree (one all-reduce), so that they all write the same checkpoint and stop together."""
+    Every step the ranks agree (one all-reduce), so that they all write the same checkpoint and stop together.
+    `close` gives the signals back to the handlers they had (train.main called from Python, e.g. by the tests)."""
 
     def __init__(self, time_limit: float, procs):
         self.procs, self.limit, self.reason = procs, time_limit, None
         self.deadline = time.monotonic() + time_limit if time_limit else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._receive)
+        self.previous = {sig: signal.signal(sig, self._receive) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _receive(self, signum, frame):
         self.reason = signal.Signals(signum).name
@@ -340,6 +344,7 @@ def train(args, state: TrainState, step_fn: Step, procs, total: int, warmup: int
                 save(args, state, net, procs)
     finally:
         log.close()
+        stop.close()
     return None
 
 

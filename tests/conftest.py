@@ -1,4 +1,8 @@
 """Debug-size model configurations shared by the tests."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -30,10 +34,23 @@ def tiny_model(seed=0, **kwargs) -> Model:
     return randomize_weights(Model(**kwargs), seed, scale=0.5).eval()
 
 
+# The cores each test may use: all of them (at most 2) when the tests run one at a time, a share under pytest-xdist
+# (scripts/test.sh runs one worker per core); the tests' subprocesses get it as OMP_NUM_THREADS.  More threads than
+# cores make torch's OpenMP threads wait on each other: several times slower, not a little.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+THREADS = max(1, min(2, len(os.sched_getaffinity(0)) // WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README walk-through (2-3 minutes, the longest test by far) first: with pytest-xdist's `--dist load` the
+    other worker meanwhile takes the rest test by test, so it cannot start last and hold up the suite."""
+    items.sort(key=lambda item: item.path.name != "test_readme.py" or item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(THREADS)
 
 
 def cli_error(main, argv, run_cli=True) -> tuple[int, str]:
@@ -63,6 +80,25 @@ def cli_error(main, argv, run_cli=True) -> tuple[int, str]:
     if isinstance(code, str):
         return 1, shown + stderr.getvalue() + code + "\n"
     return (0 if code is None else code), shown + stderr.getvalue()
+
+
+def in_process(main, argv) -> subprocess.CompletedProcess:
+    """Run an entry point in this process as `python script.py ARGV` would run it (through utils.config.run_cli, as
+    its __main__ does): its exit status, stdout and stderr, as subprocess.run gives them, without the 4-5 s of
+    imports a new process pays.  sys.exit("text") is status 1 with the text on stderr; anything other than SystemExit
+    (what would be a traceback) propagates and fails the test."""
+    import contextlib
+    import io
+
+    from utils.config import run_cli
+
+    argv, stdout, stderr, code = [str(a) for a in argv], io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            run_cli(lambda: main(argv))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int | None) else print(exit_.code, file=sys.stderr) or 1
+    return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
 
 
 def concurrently(*calls):

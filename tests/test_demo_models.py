@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import concurrently
+from conftest import THREADS, concurrently, in_process
 
 from dataset import COLORS, DIRECTIONS, POSITIONS, SHAPES, SIZES, parse_vid_size, shape_caption
 from scripts.eval_shapes import evaluate, make_captions, measure_image, parse_caption, read_sample
@@ -33,9 +33,9 @@ def right(result) -> int:
     return sum(not set(s["wrong"]) & set(CHECKED[result["kind"]]) for s in result["samples"])
 
 
-def run(*argv, cwd=ROOT):
+def run(*argv, cwd=ROOT, threads=THREADS):
     return subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -74,15 +74,17 @@ def test_shipped_model_reads_whole_captions(name):
     assert longest <= stored["config"]["txt_size"], (longest, stored["config"]["txt_size"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
-def test_shipped_model_samples_its_captions(name, tmp_path):
+def test_shipped_model_samples_its_captions(name, tmp_path, monkeypatch):
     """Sampling from another directory (the stored ckpts/ paths resolve against the repository) gives samples whose
     attributes match their captions (a broken or random checkpoint gets none right)."""
+    import sample
+
     captions, need = MODELS[name]
     (tmp_path / "caps.txt").write_text("\n".join(captions) + "\n")
-    out = run(sys.executable, str(ROOT / "sample.py"), "--checkpoint_path", str(ROOT / "ckpts" / f"{name}.safetensors"),
-              "--caption", "caps.txt", "--save_folder", "1", "--logdir", "samples", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = in_process(sample.main, ["--checkpoint_path", ROOT / "ckpts" / f"{name}.safetensors", "--caption",
+                                   "caps.txt", "--save_folder", "1", "--logdir", "samples"])
     assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "samples" / name / "caps"
     files = sorted(folder.iterdir())
@@ -146,7 +148,8 @@ def test_a_sample_does_not_depend_on_its_batch_or_process(tmp_path):
                 "torchrun2": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "5")}
     launch = lambda label, argv, batch: lambda: run(
         sys.executable, *argv, str(ROOT / "sample.py"), "--checkpoint_path", ckpt, "--caption", captions,
-        "--save_folder", "1", "--save_latents", "1", "--sample_batch_size", batch, "--logdir", str(tmp_path / label))
+        "--save_folder", "1", "--save_latents", "1", "--sample_batch_size", batch, "--logdir", str(tmp_path / label),
+        threads=1)  # four processes at once on the cores: one thread each
     for out in concurrently(*(launch(label, argv, batch) for label, (argv, batch) in launches.items())):
         assert out.returncode == 0, out.stderr[-3000:]
     folder = lambda label: tmp_path / label / "starflow_shapes_t2i_32x32" / "jacobi-batch-five"

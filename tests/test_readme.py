@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import THREADS, WORKERS
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = {"starflow_3B_t2i_256x256.pth", "starflow-v_7B_t2v_caus_480p_v3.pth"}  # the Hub's apple/starflow files
@@ -85,15 +86,17 @@ def scratch(tmp_path_factory):
 
 
 def shell(text: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", "OMP_NUM_THREADS": "2",
-           "PYTHONPATH": ""}
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": ""}
+    env.pop("OMP_NUM_THREADS", None)  # as a newcomer's shell: torchrun gives each process one thread
+    if WORKERS > 1:  # other tests run beside this one
+        env["OMP_NUM_THREADS"] = str(THREADS)
     return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", text], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
 def python(text: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", text], cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(cwd)})
+                          env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(cwd)})
 
 
 def quick(text: str) -> str:

@@ -10,7 +10,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error, concurrently
+from conftest import cli_error, concurrently, in_process
+
+import sample as script
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--img_size", "16", "--channel_size", "3", "--patch_size", "2", "--channels", "32", "--head_dim", "32",
@@ -33,10 +36,8 @@ def run(*argv, timeout=600):
 def trained(tmp_path_factory):
     """Tiny image and video models trained by our own train.py on the shapes data (pixel space, no VAE)."""
     logdirs = {kind: tmp_path_factory.mktemp(kind) for kind in ("image", "video")}
-    results = concurrently(*(lambda argv=argv, logdir=logdirs[kind]: run("train.py", "--dataset", "shapes", *argv,
-                                                                         "--logdir", str(logdir))
-                             for kind, argv in (("image", IMAGE), ("video", VIDEO))))
-    for result in results:
+    for kind, argv in (("image", IMAGE), ("video", VIDEO)):
+        result = in_process(train.main, ["--dataset", "shapes", *argv, "--logdir", logdirs[kind]])
         assert result.returncode == 0, result.stderr[-3000:]
     return {kind: logdir / "model.safetensors" for kind, logdir in logdirs.items()}
 
@@ -50,22 +51,23 @@ def captions(tmp_path):
 
 
 def sample(checkpoint, logdir, *argv, torchrun=False):
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else []
-    return run(*launch, "sample.py", "--checkpoint_path", str(checkpoint), "--logdir", str(logdir), *argv)
+    """`python sample.py ARGV` in this process (see conftest.in_process), or under `torchrun --nproc_per_node 2`."""
+    argv = ["--checkpoint_path", str(checkpoint), "--logdir", str(logdir), *argv]
+    if not torchrun:
+        return in_process(script.main, argv)
+    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sample.py", *argv)
 
 
 def read(path: Path) -> np.ndarray:
     return iio.imread(path) if path.suffix == ".png" else np.stack(list(iio.imiter(path, plugin="FFMPEG")))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind,suffix,shape", [("image", ".png", (16, 16, 3)), ("video", ".mp4", (4, 16, 16, 3))])
 def test_one_file_per_caption_and_deterministic(trained, captions, tmp_path, kind, suffix, shape):
-    out, again = concurrently(  # the same seed, another batching
-        lambda: sample(trained[kind], tmp_path / "a", "--caption", str(captions), "--save_folder", "1",
-                       "--sample_batch_size", "2", "--seed", "5"),
-        lambda: sample(trained[kind], tmp_path / "b", "--caption", str(captions), "--save_folder", "1",
-                       "--sample_batch_size", "3", "--seed", "5"))
+    out = sample(trained[kind], tmp_path / "a", "--caption", str(captions), "--save_folder", "1",
+                 "--sample_batch_size", "2", "--seed", "5")
+    again = sample(trained[kind], tmp_path / "b", "--caption", str(captions), "--save_folder", "1",  # another batching
+                   "--sample_batch_size", "3", "--seed", "5")
     assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "a" / "model" / "captions"
     files = sorted(folder.iterdir())
@@ -81,12 +83,12 @@ def test_one_file_per_caption_and_deterministic(trained, captions, tmp_path, kin
 
 @pytest.mark.slow
 def test_torchrun_splits_captions_into_one_complete_set(trained, captions, tmp_path):
-    single, multi, grid = concurrently(
-        lambda: sample(trained["image"], tmp_path / "one", "--caption", str(captions), "--save_folder", "1"),
+    multi, grid = concurrently(
         lambda: sample(trained["image"], tmp_path / "two", "--caption", str(captions), "--save_folder", "1",
                        "--sample_batch_size", "2", torchrun=True),
         lambda: sample(trained["image"], tmp_path / "grid", "--caption", "a small red circle left",
                        "--sample_batch_size", "3", torchrun=True))
+    single = sample(trained["image"], tmp_path / "one", "--caption", str(captions), "--save_folder", "1")
     assert single.returncode == 0, single.stderr[-2000:]
     assert multi.returncode == 0, multi.stderr[-3000:]
     files = sorted((tmp_path / "two" / "model" / "captions").iterdir())
@@ -132,7 +134,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
 
 
-@pytest.mark.slow
 def test_image_to_video_starts_from_the_given_frame(trained, tmp_path):
     from PIL import Image
 
@@ -150,7 +151,6 @@ def test_image_to_video_starts_from_the_given_frame(trained, tmp_path):
         assert psnr(frames[-1], target) < psnr(frames[0], target)  # the rest is generated
 
 
-@pytest.mark.slow
 def test_long_video_beyond_the_trained_length(trained, tmp_path):
     out = sample(trained["video"], tmp_path / "long", "--caption", "a green triangle moving left",
                  "--target_length", "12", "--sample_batch_size", "1", "--out_fps", "8")
@@ -188,8 +188,6 @@ def test_bad_input_is_one_line(trained, captions, tmp_path):
         ([ckpt, "--caption", cap, "--jacobi_block_size", "0"], "--jacobi_block_size"),
         ([ckpt, "--caption", cap, "--cfg", "-1"], "--cfg"),
     ]
-    import sample as script  # in-process: `python sample.py` stops the same way, less the imports
-
     for argv, name in cases:
         code, stderr = cli_error(script.main, ["--checkpoint_path", *argv, "--logdir", str(tmp_path / "out")])
         errors = [line for line in stderr.splitlines() if line.startswith("error")]
@@ -209,7 +207,6 @@ def test_video_under_torchrun(trained, tmp_path):
     assert all(read(f).shape == (4, 16, 16, 3) for f in files)
 
 
-@pytest.mark.slow
 def test_official_style_checkpoint_with_its_yaml(trained, tmp_path):
     """An official .pth stores no configuration: the YAML (official format) rebuilds the model."""
     from safetensors import safe_open
@@ -222,18 +219,16 @@ def test_official_style_checkpoint_with_its_yaml(trained, tmp_path):
                     "- layers_per_block: 1 2\n- sos: 1\n- seq_order: L2R\n- use_softplus: 1\n- cond_top_only: 1\n"
                     "- use_final_norm: 1\n- soft_clip: 4\n- text: sentence-transformers/all-MiniLM-L6-v2\n"
                     "- txt_size: 8\n- noise_std: 0.1\n- cfg: 1.5\n")
-    out, ours = concurrently(
-        lambda: sample(official, tmp_path / "o", "--model_config_path", str(yaml), "--caption",
-                       "a small red circle left", "--sample_batch_size", "2", "--seed", "5"),
-        lambda: sample(trained["image"], tmp_path / "s", "--caption", "a small red circle left",
-                       "--sample_batch_size", "2", "--seed", "5"))
+    out = sample(official, tmp_path / "o", "--model_config_path", str(yaml), "--caption", "a small red circle left",
+                 "--sample_batch_size", "2", "--seed", "5")
+    ours = sample(trained["image"], tmp_path / "s", "--caption", "a small red circle left", "--sample_batch_size",
+                  "2", "--seed", "5")
     assert out.returncode == 0, out.stderr[-3000:]
     assert ours.returncode == 0, ours.stderr[-3000:]
     assert np.array_equal(read(tmp_path / "o" / "official" / "samples-00000.png"),
                           read(tmp_path / "s" / "model" / "samples-00000.png"))
 
 
-@pytest.mark.slow
 def test_calibrated_plan_is_stored_beside_the_checkpoint_and_used(trained, captions, tmp_path):
     """--calibrate_decoding writes <stem>.decoding.json beside the checkpoint; sampling then uses it without flags
     (and says so), --jacobi 0 still decodes exactly; a damaged plan file is one line naming it."""
@@ -246,13 +241,11 @@ def test_calibrated_plan_is_stored_beside_the_checkpoint_and_used(trained, capti
     plan = tmp_path / "model.decoding.json"
     assert f"written to {plan}" in out.stdout and not (tmp_path / "cal").exists()  # no samples
     assert len(json.loads(plan.read_text())["plans"]["cpu"]["3"]["blocks"]) == 2
-    used, exact = concurrently(lambda: sample(ckpt, tmp_path / "a", "--caption", str(captions)),
-                               lambda: sample(ckpt, tmp_path / "b", "--caption", str(captions), "--jacobi", "0"))
+    used = sample(ckpt, tmp_path / "a", "--caption", str(captions))
+    exact = sample(ckpt, tmp_path / "b", "--caption", str(captions), "--jacobi", "0")
     assert used.returncode == 0 and f"decoding: calibrated plan {plan}" in used.stdout, used.stderr[-2000:]
     assert exact.returncode == 0 and "decoding: exact (sequential)" in exact.stdout, exact.stderr[-2000:]
     plan.write_text("{")
-    import sample as script  # in-process: a bad plan file stops `python sample.py` the same way
-
     code, stderr = cli_error(script.main, ["--checkpoint_path", ckpt, "--logdir", tmp_path / "c", "--caption",
                                            captions])
     assert code != 0 and "Traceback" not in stderr

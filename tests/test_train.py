@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_error, concurrently
+from conftest import cli_error, concurrently, in_process
 
 import train
 from utils.config import build_parser, parse_config
@@ -30,6 +30,11 @@ TINY = ["--dataset", "shapes", "--img_size", "16", "--channel_size", "3", "--pat
 def run(*argv, env=None, timeout=600):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def run_train(*argv) -> subprocess.CompletedProcess:
+    """`python train.py ARGV`, in this process (see conftest.in_process)."""
+    return in_process(train.main, argv)
 
 
 def metrics(logdir) -> list[dict]:
@@ -100,9 +105,8 @@ def test_learnable_denoiser_trains_with_its_own_optimizer(tmp_path):
     assert out["loss_denoiser"] > 0 and not torch.equal(den.proj_out.weight, before)
 
 
-@pytest.mark.slow
 def test_loss_goes_down_and_outputs_are_written(tmp_path):
-    out = run("train.py", *TINY, "--logdir", str(tmp_path), "--max_steps", "30", "--epoch_length", "40",
+    out = run_train(*TINY, "--logdir", str(tmp_path), "--max_steps", "30", "--epoch_length", "40",
               "--sample_freq", "1")
     assert out.returncode == 0, out.stderr[-2000:]
     losses = [m["loss"] for m in metrics(tmp_path)]
@@ -115,15 +119,14 @@ def test_loss_goes_down_and_outputs_are_written(tmp_path):
     assert "starting a new run" in out.stdout and "checkpoint:" in out.stdout
 
 
-@pytest.mark.slow
 def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
     """Stop after 3 steps (the step-3 checkpoint is what a stopped run leaves) and resume: steps 4-6 equal."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    out = run("train.py", *TINY, "--logdir", str(full), "--max_steps", "6", "--save_every_steps", "3",
+    out = run_train(*TINY, "--logdir", str(full), "--max_steps", "6", "--save_every_steps", "3",
               "--keep_checkpoints", "0")
     assert out.returncode == 0, out.stderr[-2000:]
     stop = full / "checkpoints" / "step-00000003"
-    out = run("train.py", *TINY, "--logdir", str(resumed), "--max_steps", "6", "--resume_path", str(stop))
+    out = run_train(*TINY, "--logdir", str(resumed), "--max_steps", "6", "--resume_path", str(stop))
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resuming from {stop} at step 3" in out.stdout
     expected, got = metrics(full)[3:], metrics(resumed)
@@ -133,18 +136,17 @@ def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
 
 
-@pytest.mark.slow
 def test_weights_file_initialises_a_new_run_and_an_interrupted_one_goes_on(tmp_path):
     """--resume_path WEIGHTS starts a new run from those weights (as the video demo model starts from the image
     one); run again on the same logdir, the run under way goes on from its newest checkpoint instead."""
-    out = run("train.py", *TINY, "--logdir", str(tmp_path / "base"), "--max_steps", "2")
+    out = run_train(*TINY, "--logdir", str(tmp_path / "base"), "--max_steps", "2")
     assert out.returncode == 0, out.stderr[-2000:]
     weights, tuned = tmp_path / "base" / "model.safetensors", tmp_path / "tuned"
-    out = run("train.py", *TINY, "--logdir", str(tuned), "--max_steps", "2", "--resume_path", str(weights))
+    out = run_train(*TINY, "--logdir", str(tuned), "--max_steps", "2", "--resume_path", str(weights))
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"initialised the weights from {weights}" in out.stdout
     assert metrics(tuned)[0]["loss"] != metrics(tmp_path / "base")[0]["loss"]  # same seed: only the weights differ
-    out = run("train.py", *TINY, "--logdir", str(tuned), "--max_steps", "3", "--resume_path", str(weights))
+    out = run_train(*TINY, "--logdir", str(tuned), "--max_steps", "3", "--resume_path", str(weights))
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resuming from {tuned / 'checkpoints' / 'step-00000002'} at step 2" in out.stdout
     assert [m["step"] for m in metrics(tuned)] == [1, 2, 3]
@@ -269,7 +271,6 @@ def assert_same_steps(expected: list[dict], got: list[dict]):
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("budget", [("--epochs", "1", "2"), ("--max_steps", "6", "9")])
 def test_a_finished_run_goes_on_with_a_larger_budget(tmp_path, budget):
     """A run that ended (here exactly at an epoch's end, where its data position is the epoch's last batch) is run
@@ -279,12 +280,12 @@ def test_a_finished_run_goes_on_with_a_larger_budget(tmp_path, budget):
     common = [*TINY, *CONSTANT_LR, "--sample_freq", "1"]  # the end-of-epoch preview is where it used to crash
     common += ["--epochs", "5"] if flag == "--max_steps" else []
     finished, whole = tmp_path / "finished", tmp_path / "whole"
-    out = run("train.py", *common, "--logdir", str(finished), flag, before)
+    out = run_train(*common, "--logdir", str(finished), flag, before)
     assert out.returncode == 0, out.stderr[-2000:]
-    out = run("train.py", *common, "--logdir", str(finished), flag, after)
+    out = run_train(*common, "--logdir", str(finished), flag, after)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "at step 6 (epoch 1)" in out.stdout and f"done at step {9 if flag == '--max_steps' else 12}" in out.stdout
-    out = run("train.py", *common, "--logdir", str(whole), flag, after)
+    out = run_train(*common, "--logdir", str(whole), flag, after)
     assert out.returncode == 0, out.stderr[-2000:]
     assert_same_steps(metrics(whole), metrics(finished))
 
@@ -317,27 +318,26 @@ def test_preemption_checkpoints_and_the_next_launch_goes_on_exactly(tmp_path, ho
     assert process.returncode == 0 and len(lines) == 1 and how in lines[0], (stdout, stderr[-2000:])
     step = len(metrics(stopped))
     assert step < 10 and (stopped / "checkpoints" / f"step-{step:08d}").is_dir()
-    out = run("train.py", *TINY, "--max_steps", "10", "--save_every", "1000", "--logdir", str(stopped))
+    out = run_train(*TINY, "--max_steps", "10", "--save_every", "1000", "--logdir", str(stopped))
     assert out.returncode == 0 and f"resuming from {stopped / 'checkpoints'}" in out.stdout, out.stderr[-2000:]
     whole = tmp_path / "whole"
-    out = run("train.py", *TINY, "--max_steps", "10", "--save_every", "1000", "--logdir", str(whole))
+    out = run_train(*TINY, "--max_steps", "10", "--save_every", "1000", "--logdir", str(whole))
     assert out.returncode == 0, out.stderr[-2000:]
     assert_same_steps(metrics(whole), metrics(stopped))
 
 
-@pytest.mark.slow
 def test_going_on_with_another_architecture_is_refused_and_changed_settings_are_noted(tmp_path):
     """Config drift: a run continued with a different model is one line listing what differs (and the checkpoint is
     untouched); settings a user changes on purpose (learning rate, budget) are noted in one line."""
-    out = run("train.py", *TINY, "--max_steps", "2", "--logdir", str(tmp_path))
+    out = run_train(*TINY, "--max_steps", "2", "--logdir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    out = run("train.py", *TINY, "--max_steps", "3", "--channels", "64", "--head_dim", "32", "--logdir", str(tmp_path))
+    out = run_train(*TINY, "--max_steps", "3", "--channels", "64", "--head_dim", "32", "--logdir", str(tmp_path))
     errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
     assert out.returncode == 2 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
     assert "another architecture (channels 32 -> 64; top_block_channels 32 -> 64)" in errors[0]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-    out = run("train.py", *TINY, "--max_steps", "3", "--lr", "5e-4", "--logdir", str(tmp_path))
+    out = run_train(*TINY, "--max_steps", "3", "--lr", "5e-4", "--logdir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "note: going on with changed settings: lr 0.001 -> 0.0005, max_steps 2 -> 3" in out.stdout
 
@@ -522,3 +522,21 @@ def test_one_step_on_two_processes_equals_the_single_process_step(tmp_path):
         theirs = load_file(tmp_path / name / "model.safetensors")
         assert theirs.keys() == weights.keys()
         assert all(torch.allclose(theirs[k], weights[k], atol=1e-5) for k in weights), name
+
+
+def test_oversubscribed_cpu_processes_are_noted(monkeypatch, capsys):
+    """torchrun on CPU with more processes x threads than cores (e.g. OMP_NUM_THREADS=2 for 2 processes on 2
+    cores) runs several times slower: rank 0 says so in one line and names the thread count that fits.  More
+    processes than cores at one thread each is the user's choice, not noted."""
+    from utils import training
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)  # (the group itself is not what is tested)
+    for local, threads, noted in ((cores, 1, False), (cores + 1, 1, False), (cores, 2, True)):
+        torch.set_num_threads(threads)
+        monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        assert training.init_processes("cpu").world_size == 2
+        out = capsys.readouterr().out
+        assert (out == f"note: {local} processes with 2 thread(s) each on {cores} CPU cores are oversubscribed "
+                       "(several times slower); set OMP_NUM_THREADS=1 (torchrun's default is 1)\n") if noted else not out

@@ -1,22 +1,13 @@
 """STARFlow-V end to end through a Wan2.2-layout VAE (16x spatial, 4x temporal, the official ':scale' suffix): train.py
 with the official video flags, then sample.py writes MP4s with the pixel frame count."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
-import pytest
 import torch
+from conftest import in_process
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # a whole train.py run and a sample.py run
-
-
-def run(*argv):
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+import sample
+import train
 
 
 def test_wan22_video_trains_and_samples(tmp_path):
@@ -34,13 +25,14 @@ def test_wan22_video_trains_and_samples(tmp_path):
              "--use_softplus", "1", "--cond_top_only", "1", "--temporal_causal", "2", "--shallow_block_local", "1",
              "--learnable_self_denoiser", "1", "--conditional_denoiser", "1", "--denoiser_window", "2",
              "--text", "sentence-transformers/all-MiniLM-L6-v2", "--txt_size", "8"]
-    out = run("train.py", "--dataset", "shapes", *model, "--batch_size", "2", "--epoch_length", "4", "--max_steps",
-              "2", "--num_workers", "0", "--sample_freq", "1", "--drop_image", "0.5", "--logdir", str(tmp_path / "run"))
+    out = in_process(train.main, ["--dataset", "shapes", *model, "--batch_size", "2", "--epoch_length", "4",
+                                  "--max_steps", "2", "--num_workers", "0", "--sample_freq", "1", "--drop_image", "0.5",
+                                  "--logdir", tmp_path / "run"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "run" / "samples").glob("*.mp4"))  # training-time samples, decoded by the VAE
-    out = run("sample.py", "--checkpoint_path", str(tmp_path / "run" / "model.safetensors"), "--caption",
-              "a red circle moving right", "--sample_batch_size", "1", "--out_fps", "8", "--logdir",
-              str(tmp_path / "samples"))
+    out = in_process(sample.main, ["--checkpoint_path", tmp_path / "run" / "model.safetensors", "--caption",
+                                   "a red circle moving right", "--sample_batch_size", "1", "--out_fps", "8",
+                                   "--logdir", tmp_path / "samples"])
     assert out.returncode == 0, out.stderr[-3000:]
     frames = np.stack(list(iio.imiter(next((tmp_path / "samples" / "model").glob("*.mp4")), plugin="FFMPEG")))
     assert frames.shape == (9, 36, 36, 3)  # 3 latent frames -> 9 pixel frames; a one-tile grid with its 2-px border

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import THREADS
 from PIL import Image
 
 from scripts.eval_shapes import measure_image, read_sample
@@ -39,7 +40,7 @@ def demo(tmp_path):
     log = (tmp_path / "demo.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "scripts.web_demo", "--port", str(port), "--device", "cpu"],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "2"})
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": str(THREADS)})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120

@@ -76,6 +76,11 @@ def init_processes(device: str | None = None) -> Processes:
                                     world_size=world, device_id=device_id)
         else:
             dist.init_process_group(backend, device_id=device_id)
+    local, cores = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), len(os.sched_getaffinity(0))
+    if device.type == "cpu" and local_rank == 0 and local * torch.get_num_threads() > max(cores, local):
+        print(f"note: {local} processes with {torch.get_num_threads()} thread(s) each on {cores} CPU cores are "
+              f"oversubscribed (several times slower); set OMP_NUM_THREADS={max(1, cores // local)} (torchrun's default "
+              "is 1)")
     return Processes(rank, local_rank, world, device)
 
 
