@@ -53,52 +53,37 @@ def _seed_and_threads():
     torch.set_num_threads(THREADS)
 
 
-def cli_error(main, argv, run_cli=True) -> tuple[int, str]:
-    """Run an entry point in-process on `argv` as `python script.py ARGV` would run it, where the run must stop with
-    an error: through utils.config.run_cli (as the entry points' __main__ does; run_cli=False for a script whose
-    __main__ calls main() bare).  Returns (exit status, stderr) as the process would give them: sys.exit("text") is
-    status 1 with the text on stderr, and warnings are on stderr unless the interpreter's default filters hide them
-    (deprecations outside __main__).  Anything other than SystemExit (what would be a traceback) propagates and
-    fails the test."""
+def in_process(main, argv, run_cli=True) -> subprocess.CompletedProcess:
+    """Run an entry point in this process as `python script.py ARGV` would run it, without the 4-5 s of imports a
+    new process pays: through utils.config.run_cli (as the entry points' __main__ does; run_cli=False for a script
+    whose __main__ calls main() bare).  Returns its exit status, stdout and stderr as subprocess.run gives them:
+    sys.exit("text") is status 1 with the text on stderr, and warnings are on stderr unless the interpreter's default
+    filters hide them (deprecations outside __main__).  Anything other than SystemExit (what would be a traceback)
+    propagates and fails the test."""
     import contextlib
     import io
     import warnings
 
     from utils.config import run_cli as run
 
-    argv, stderr = [str(a) for a in argv], io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr), \
-            pytest.raises(SystemExit) as exit_:
-        if run_cli:
-            run(lambda: main(argv))
-        else:
-            main(argv)
+    argv, stdout, stderr, code = [str(a) for a in argv], io.StringIO(), io.StringIO(), 0
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        try:
+            run(lambda: main(argv)) if run_cli else main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int | None) else print(exit_.code, file=sys.stderr) or 1
     hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught
                     if not issubclass(w.category, hidden))
-    code = exit_.value.code
-    if isinstance(code, str):
-        return 1, shown + stderr.getvalue() + code + "\n"
-    return (0 if code is None else code), shown + stderr.getvalue()
+    return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), shown + stderr.getvalue())
 
 
-def in_process(main, argv) -> subprocess.CompletedProcess:
-    """Run an entry point in this process as `python script.py ARGV` would run it (through utils.config.run_cli, as
-    its __main__ does): its exit status, stdout and stderr, as subprocess.run gives them, without the 4-5 s of
-    imports a new process pays.  sys.exit("text") is status 1 with the text on stderr; anything other than SystemExit
-    (what would be a traceback) propagates and fails the test."""
-    import contextlib
-    import io
-
-    from utils.config import run_cli
-
-    argv, stdout, stderr, code = [str(a) for a in argv], io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            run_cli(lambda: main(argv))
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int | None) else print(exit_.code, file=sys.stderr) or 1
-    return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
+def cli_error(main, argv, run_cli=True) -> tuple[int, str]:
+    """`in_process` for a run that must stop with an error: (exit status, stderr)."""
+    out = in_process(main, argv, run_cli)
+    assert out.returncode != 0, f"{' '.join(out.args)}: did not stop with an error\n{out.stderr[-2000:]}"
+    return out.returncode, out.stderr
 
 
 def concurrently(*calls):

@@ -193,18 +193,16 @@ VIDEO_CKPT = ROOT / "ckpts/starflow-v_shapes_t2v_32x32.safetensors"
     (VIDEO_CKPT, ["--model_config_path", str(ROOT / "configs/starflow_shapes_t2i_32x32.yaml")],
      ["starflow_shapes_t2i_32x32.yaml: txt_size 24", "txt_size 16"]),
 ])
-def test_a_checkpoint_is_authoritative_for_its_architecture(tmp_path, capsys, ckpt, extra, needles):
+def test_a_checkpoint_is_authoritative_for_its_architecture(tmp_path, ckpt, extra, needles):
     """A flag or YAML key that contradicts the stored configuration is one line naming the key, both values and
     the checkpoint (exit 2), and nothing is written."""
     import sample
-    from utils.config import run_cli
 
     argv = ["--checkpoint_path", str(ckpt), "--caption", "a red circle left", "--logdir", str(tmp_path / "out"),
             *extra]
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(lambda: sample.main(argv))
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    code, err = cli_error(sample.main, argv)
+    err = err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert all(n in err for n in needles) and str(ckpt) in err, err
     assert not (tmp_path / "out").exists()
 

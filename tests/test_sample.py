@@ -261,18 +261,13 @@ def test_calibrated_plan_is_stored_beside_the_checkpoint_and_used(trained, capti
     ("image", ["--target_length", "8"], "--target_length"),
     ("video", ["--target_length", "12", "--context_length", "4"], "--context_length"),
 ])
-def test_bad_sampling_flags_are_one_line(trained, tmp_path, capsys, kind, flags, name):
+def test_bad_sampling_flags_are_one_line(trained, tmp_path, kind, flags, name):
     """Out-of-range sampling flags (../shared/cases/README.md: they used to give a traceback, a false success or
     silent garbage) are refused in one line naming the flag and the allowed range, and nothing is written."""
-    import sample
-    from utils.config import run_cli
-
     argv = ["--checkpoint_path", str(trained[kind]), "--caption", "a red circle", "--logdir", str(tmp_path), *flags]
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(lambda: sample.main(argv))
-    err = capsys.readouterr().err  # progress bars of the text encoder's loading may come first
+    code, err = cli_error(script.main, argv)  # progress bars of the text encoder's loading may come first
     errors = [line for line in err.splitlines() if line.startswith("error")]
-    assert exit_.value.code == 2 and len(errors) == 1 and name in errors[0] and "Traceback" not in err, err
+    assert code == 2 and len(errors) == 1 and name in errors[0] and "Traceback" not in err, err
     assert not any(tmp_path.iterdir())
 
 
@@ -280,12 +275,11 @@ def test_earlier_samples_are_kept_unless_overwrite(tmp_path, capsys):
     """Sampling again under the same name keeps the earlier files: a grid goes to <name>-2-NNNNN.png, a
     --save_folder folder to <name>-2/, each with a note; --overwrite replaces them.  Beside a --save_folder folder
     <name>.captions.txt records its captions, and the evaluator refuses to score it against other captions."""
-    import sample as sample_py
     from scripts import eval_shapes
 
     ckpt, logdir = str(ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors"), tmp_path / "logs"
     folder = logdir / "starflow_shapes_t2i_32x32"
-    grid = lambda caption, *more: sample_py.main(["--checkpoint_path", ckpt, "--caption", caption, "--logdir",
+    grid = lambda caption, *more: script.main(["--checkpoint_path", ckpt, "--caption", caption, "--logdir",
                                                  str(logdir), "--sample_batch_size", "1", *more])
     grid("a large red circle on the left")
     grid("a large blue circle on the left")
@@ -300,7 +294,7 @@ def test_earlier_samples_are_kept_unless_overwrite(tmp_path, capsys):
     captions = tmp_path / "c.txt"
     for text in ("a large red circle on the left", "a small green square on the right"):
         captions.write_text(text + "\n")
-        sample_py.main(["--checkpoint_path", ckpt, "--caption", str(captions), "--save_folder", "1", "--logdir",
+        script.main(["--checkpoint_path", ckpt, "--caption", str(captions), "--save_folder", "1", "--logdir",
                         str(logdir)])
     assert "these go to" in capsys.readouterr().out
     assert (folder / "c.captions.txt").read_text() == "a large red circle on the left\n"
@@ -316,8 +310,6 @@ def test_two_runs_model_files_never_overwrite_each_others_samples(tmp_path, caps
     """logs/runA/model.safetensors and logs/runB/model.safetensors share a file stem: the first one's samples go to
     <logdir>/model (its checkpoint.txt names it), the second one's to <logdir>/runB-model with a note; each goes back
     to its own folder next time.  Written files can be read by the group and others (the umask's mode, not 0600)."""
-    import sample as sample_py
-
     shipped = ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors"
     for run_name in ("runA", "runB"):
         (tmp_path / run_name).mkdir()
@@ -325,7 +317,7 @@ def test_two_runs_model_files_never_overwrite_each_others_samples(tmp_path, caps
     logdir = tmp_path / "logs"
     folders = {}
     for run_name in ("runA", "runB", "runA", "runB"):
-        sample_py.main(["--checkpoint_path", str(tmp_path / run_name / "model.safetensors"), "--caption",
+        script.main(["--checkpoint_path", str(tmp_path / run_name / "model.safetensors"), "--caption",
                         f"a small {'red' if run_name == 'runA' else 'blue'} circle on the left", "--logdir",
                         str(logdir), "--save_latents", "1"])
         out = capsys.readouterr().out
