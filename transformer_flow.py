@@ -820,6 +820,60 @@ class Model(nn.Module):
             logdets.append(logdet)
         return self.unpatchify(x), y_out, outputs, logdets
 
+    def nll_given_context(self, x, y, context: int) -> torch.Tensor:
+        """The negative log-likelihood (nats, summed over the batch and dimensions, without the 0.5 log 2 pi
+        constant) of video latents x (B, T, C, H, W) after their first `context` frames, given those frames and
+        text y (B, Ly, txt_dim).  The context runs without autograd: it only fills each block's KV cache, and every
+        network pass of the later frames attends to it.  In a temporally causal model (`temporal_causal`: every
+        block keeps time order) no earlier frame's terms depend on a later frame, so the gradient of this with
+        respect to x[:, context:] is that of the whole clip's NLL (`forward` + `get_loss`): the self-denoising
+        window's new frames get their Tweedie step at the cost of those frames alone (issue "long videos")."""
+        if not self.config.temporal_causal or x.dim() != 5:
+            raise ValueError("nll_given_context needs video latents (B, T, C, H, W) of a temporally causal model")
+        if not 0 < context < x.size(1):
+            raise ValueError(f"context {context}: between 1 and the {x.size(1) - 1} frames before the last")
+        self._check_inputs(x, y, 0.0)
+        x = self.patchify(x)
+        past, new, total = x[:, :context].detach(), x[:, context:], 0.0
+        for i, block in enumerate(self.blocks):
+            deep = i == len(self.blocks) - 1
+            local = not deep and self._local(block, x)[0]
+            if local or isinstance(block, IdentityBlock):  # frame by frame: the context plays no part
+                with torch.no_grad():
+                    past = self._frames(block, past, y, local)[0]
+                new, logdet = self._frames(block, new, y, local)
+            else:
+                past, new, logdet = self._continue(block, past, new, y)
+            total = total - logdet.sum()
+        return total + 0.5 * new.float().pow(2).sum()
+
+    def _frames(self, block, x, y, local):
+        """Block `block` over frames x (B, T, h, w, C) each on its own (or, for an IdentityBlock, as they are)."""
+        h = x.flatten(0, 1).unsqueeze(1) if local else x
+        rope = self.rope_tables(h.shape, self._text_len(block, y), x.device)
+        out, _, logdet = block(h, y, rope)
+        return out.view_as(x), logdet
+
+    def _continue(self, block, past, new, y):
+        """A time-ordered block over frames `past` (without autograd, into a KV cache), then `new` after them:
+        (past output, new output, new log-determinant)."""
+        whole = (new.size(0), past.size(1) + new.size(1), *new.shape[2:])
+        rope = self.rope_tables(whole, self._text_len(block, y), new.device)
+        s_past, s_new, cache = block.to_seq(past), block.to_seq(new), KVCache()
+        y = y if block.txt_dim else None
+        with torch.no_grad():
+            h_past = block.run(block._shift(s_past), y, rope, cache)[0]
+            mu, sigma = block.params(h_past if block.use_sos else F.pad(h_past, (0, 0, 1, 0))[:, :-1])
+            if not block.use_sos:
+                mu[:, 0], sigma[:, 0] = 0, 1
+            z_past = block.from_seq((s_past.float() - mu) / sigma, past.shape).to(h_past.dtype)
+        if block.use_sos:  # each token's input is its predecessor: the first new token's is the last past one
+            h = block.run(torch.cat([s_past[:, -1:], s_new[:, :-1]], 1), None, rope, cache)[0]
+        else:  # each token's parameters come from its predecessor's output
+            h = torch.cat([h_past[:, -1:], block.run(s_new, None, rope, cache)[0][:, :-1]], 1)
+        mu, sigma = block.params(h)
+        return z_past, block.from_seq((s_new.float() - mu) / sigma, new.shape).to(h.dtype), -sigma.log()
+
     @staticmethod
     def get_loss(z, logdets, weights=None) -> dict[str, torch.Tensor]:
         """Per-dimension negative log-likelihood in nats (without the 0.5 log 2 pi constant), averaged over the batch;

@@ -263,16 +263,19 @@ def long_video_benchmark(args, pipe):
     (issue "long videos")."""
 
     from scripts.eval_shapes import evaluate_long, make_captions
+    from utils.inference import denoise
 
     captions = read_lines(args.captions, "--captions") if args.captions else make_captions(36, True, seed=0, split="train")
     trained, batch = pipe.trained_frames, pipe.args.sample_batch_size
     print(f"{args.checkpoint}: {len(captions)} captions, trained length {trained} frames (the sliding window), "
           f"batch {batch}, {args.threads} threads, {pipe.device}")
-    print("| length | frames | time per frame | KV cache | presence | colour stable | shape stable | "
-          "motion consistent (clips) | background drift (mean / max) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| length | frames | time per frame | self-denoising per frame: ours / official windows | KV cache | "
+          "presence | colour stable | shape stable | motion consistent (clips) | background drift (mean / max) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    model, window = pipe.model, (trained - 1) // pipe.temporal + 1
+    _, fps, noise_std = pipe.resolve(None, None, None)
     for k in args.lengths:
-        frames, videos, cache = k * trained, [], 0
+        frames, videos, cache, denoising = k * trained, [], 0, {True: 0.0, False: 0.0}
         start = time.perf_counter()
         for i in range(0, len(captions), batch):
             idx = list(range(i, min(i + batch, len(captions))))
@@ -280,7 +283,17 @@ def long_video_benchmark(args, pipe):
             videos += list(out.as_uint8())
             cache = max(cache, out.kv_cache_bytes)
         seconds = (time.perf_counter() - start) / (len(captions) * frames)
-        row = f"| {k}x | {frames} | {1000 * seconds:.0f} ms | {cache / 2 ** 20:.2f} MB |"
+        # the Tweedie step alone on the last batch's latents, each way: the same values, the time side by side
+        y = pipe.encode_prompt([captions[j] for j in idx], None, 0.0, None, fps, noise_std)
+        steps = {}
+        for continued in (True, False) if model.config.temporal_causal else ():
+            tick = time.perf_counter()
+            steps[continued] = denoise(model, out.latents, y, noise_std, False, pipe.args.denoising_batch_size,
+                                       window, model.config.denoiser_window, continued=continued)
+            denoising[continued] = 1000 * (time.perf_counter() - tick) / (len(idx) * frames)
+        side = "" if not steps else f"{denoising[True]:.0f} / {denoising[False]:.0f} ms (equal to " \
+            f"{(steps[True] - steps[False]).abs().max().item():.0e})"
+        row = f"| {k}x | {frames} | {1000 * seconds:.0f} ms | {side} | {cache / 2 ** 20:.2f} MB |"
         try:
             result = evaluate_long(captions, videos)
         except ValueError:  # not shapes captions

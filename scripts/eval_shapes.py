@@ -5,6 +5,11 @@ pixels and compare them with the caption each sample was generated from.
     python sample.py --checkpoint_path logs/run/model.safetensors --caption prompts.txt --save_folder 1
     python -m scripts.eval_shapes --captions prompts.txt --samples logs/run/model/prompts [--json acc.json]
     python -m scripts.eval_shapes --captions prompts.txt --samples DIR --long 1   # long videos: coherence over time
+    python -m scripts.eval_shapes --captions mine.txt --attributes mine.jsonl --samples DIR  # any wording
+
+With --attributes, line i of a JSON Lines file gives caption i's attributes ({"color": "red", "shape": "circle",
+"size": "small", "position": "left"}, or {"color", "shape", "direction"} for a video) instead of reading them from
+the caption: captions in words the reader does not know (people's own phrasings) are scored too.
 
 Line i of the caption file goes with <samples>/<i:05d>.png (.mp4 for a video caption), as sample.py names them.
 The measurements read the shapes that dataset.render_shape draws on white; they tolerate the mild noise and blur of
@@ -30,10 +35,55 @@ CENTER_RADIUS = 2.5  # in 32-px units: centred shapes sit within 2 px of the mid
 MIN_SPEED = 1.0  # pixels per frame at 32 px: slower is not a motion (the shapes move 3 or ~4.5 px per frame)
 
 
+ALLOWED = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "position": POSITIONS, "direction": DIRECTIONS}
+
+
 def parse_caption(text: str) -> dict:
     """The attributes a caption asks for, in any wording (utils.phrasing.parse_caption): {color, shape, size,
     position} for an image, {color, shape, direction} for a video.  Raises ValueError naming what is missing."""
     return phrasing.parse_caption(text)
+
+
+def read_attributes(path: Path, n: int) -> list[dict]:
+    """The attributes of n captions from a JSON Lines file (one object per caption: color, shape, size, position for
+    an image; color, shape, direction for a video, where a size is allowed and ignored).  Raises ValueError naming
+    the file, line and key of the first problem, FileNotFoundError if there is no such file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--attributes {path}: no such file")
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) != n:
+        raise ValueError(f"--attributes {path}: {len(lines)} lines of attributes for {n} captions")
+    targets = []
+    for i, line in enumerate(lines, 1):
+        try:
+            attrs = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--attributes {path} line {i}: not JSON ({err.msg})") from None
+        keys = VIDEO_ATTRS if isinstance(attrs, dict) and "direction" in attrs else IMAGE_ATTRS
+        if not isinstance(attrs, dict) or set(attrs) - set(keys) - {"size"} or set(keys) - set(attrs):
+            raise ValueError(f"--attributes {path} line {i}: expected an object with the keys {', '.join(keys)}")
+        for key in keys:
+            if attrs[key] not in ALLOWED[key]:
+                raise ValueError(f"--attributes {path} line {i}: {key} {attrs[key]!r} is not one of "
+                                 f"{', '.join(ALLOWED[key])}")
+        targets.append({k: attrs[k] for k in keys})
+    return targets
+
+
+def targets_of(captions: list[str], targets: list[dict] | None = None) -> list[dict]:
+    """What each caption asks for: `targets` when given (read_attributes), else read from the caption; ValueError
+    naming the caption line that cannot be read."""
+    if targets is not None:
+        if len(targets) != len(captions):
+            raise ValueError(f"{len(captions)} captions but {len(targets)} sets of attributes")
+        return targets
+    found = []
+    for i, text in enumerate(captions):
+        try:
+            found.append(parse_caption(text))
+        except ValueError as err:
+            raise ValueError(f"caption line {i + 1}: {err}") from None
+    return found
 
 
 def ink(pixels: np.ndarray) -> np.ndarray:
@@ -220,16 +270,16 @@ def measure_long_video(frames: np.ndarray, direction: str | None = None) -> dict
                 background_drift=drift)
 
 
-def evaluate_long(captions: list[str], files: list) -> dict:
+def evaluate_long(captions: list[str], files: list, targets: list[dict] | None = None) -> dict:
     """measure_long_video over videos `files` (paths or (T, H, W, 3) arrays) generated from video `captions` (the
-    caption's direction is the one the motion must keep).  Returns {"n", "frames": T of the first, "presence",
+    caption's direction, or that of its `targets`, is the one the motion must keep).  Returns {"n", "frames": T of the first, "presence",
     "color_stable", "shape_stable", "consistent_steps" (means over the videos), "motion_consistent" (share of
     videos), "background_drift" (mean and max), "samples": [per-video dicts with the caption]}."""
     if len(captions) != len(files) or not captions:
         raise ValueError(f"{len(captions)} captions but {len(files)} videos")
     samples = []
-    for text, source in zip(captions, files):
-        target = phrasing.parse_caption(text, video=True)
+    for text, source, given in zip(captions, files, targets or [None] * len(captions)):
+        target = given or phrasing.parse_caption(text, video=True)
         pixels = read_sample(Path(source)) if isinstance(source, (str, Path)) else np.asarray(source)
         samples.append(dict(caption=text, frames=len(pixels), **measure_long_video(pixels, target["direction"])))
     mean = lambda key: float(np.mean([s[key] for s in samples]))
@@ -250,10 +300,10 @@ def read_sample(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def sample_files(captions: list[str], folder: Path) -> list[Path]:
+def sample_files(captions: list[str], folder: Path, targets: list[dict] | None = None) -> list[Path]:
     """<folder>/<i:05d>.png, or .mp4 for a video caption; FileNotFoundError naming the first one missing."""
-    files = [folder / f"{i:05d}{'.mp4' if 'direction' in parse_caption(c) else '.png'}"
-             for i, c in enumerate(captions)]
+    files = [folder / f"{i:05d}{'.mp4' if 'direction' in t else '.png'}"
+             for i, t in enumerate(targets_of(captions, targets))]
     written = folder.with_name(folder.name + ".captions.txt")  # sample.py --save_folder 1: the captions it sampled
     if written.is_file() and written.read_text(encoding="utf-8").splitlines() != list(captions):
         raise ValueError(f"{folder} holds samples of other captions than these ({written} differs)")
@@ -263,9 +313,9 @@ def sample_files(captions: list[str], folder: Path) -> list[Path]:
     return files
 
 
-def evaluate(captions: list[str], files: list) -> dict:
-    """Accuracy of samples `files` (paths, or pixel arrays) against their `captions`, which must be all image or
-    all video captions.
+def evaluate(captions: list[str], files: list, targets: list[dict] | None = None) -> dict:
+    """Accuracy of samples `files` (paths, or pixel arrays) against their `captions` (or, when given, the
+    attributes `targets`, one dict per caption), which must be all image or all video captions.
 
     Returns {"kind": "image"|"video", "n", "correct": {attr: count, "all": count},
     "accuracy": {attr: fraction, "all": fraction}, "samples": [{"caption", "measured", "wrong": [attrs]}]}.
@@ -274,12 +324,7 @@ def evaluate(captions: list[str], files: list) -> dict:
         raise ValueError(f"{len(captions)} captions but {len(files)} samples")
     if not captions:
         raise ValueError("no captions to evaluate")
-    targets = []
-    for i, text in enumerate(captions):
-        try:
-            targets.append(parse_caption(text))
-        except ValueError as err:
-            raise ValueError(f"caption line {i + 1}: {err}") from None
+    targets = targets_of(captions, targets)
     video = "direction" in targets[0]
     if any(("direction" in t) != video for t in targets):
         raise ValueError("the captions mix images and videos; evaluate them separately")
@@ -302,6 +347,11 @@ def make_captions(n: int, video: bool, seed: int, split: str = "grammar") -> lis
     """n captions cycling through every colour x shape pair, each with a random size and position (image) or a
     random direction (video), worded by the strict grammar, a training phrasing or a held-out one
     (utils.phrasing)."""
+    return [caption for caption, _ in make_cases(n, video, seed, split)]
+
+
+def make_cases(n: int, video: bool, seed: int, split: str = "grammar") -> list[tuple[str, dict]]:
+    """make_captions' captions with the attributes each was worded from: [(caption, attributes)]."""
     rng = np.random.default_rng(seed)
     pairs = itertools.cycle(itertools.product(COLORS, SHAPES))
     captions = []
@@ -311,7 +361,8 @@ def make_captions(n: int, video: bool, seed: int, split: str = "grammar") -> lis
             attrs["size"] = rng.choice(SIZES).item() if split != "grammar" else "small"  # phrasings may name it
         else:
             attrs = dict(color=color, shape=shape, size=rng.choice(SIZES).item(), position=rng.choice(POSITIONS).item())
-        captions.append(phrasing.phrase(attrs, rng, split))
+        captions.append((phrasing.phrase(attrs, rng, split), {k: attrs[k] for k in VIDEO_ATTRS if video} or
+                         {k: attrs[k] for k in IMAGE_ATTRS}))
     return captions
 
 
@@ -338,6 +389,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--captions", type=Path, help="caption file, one caption per line, as given to sample.py")
     p.add_argument("--samples", type=Path, help="folder of <line index:05d>.png|.mp4 from sample.py --save_folder 1")
+    p.add_argument("--attributes", type=Path, help="JSON Lines: line i the attributes of caption i (color, shape, "
+                   "size, position; or color, shape, direction), for captions in any words; with --make_captions, "
+                   "written beside them")
     p.add_argument("--json", type=Path, help="also write the result here as JSON")
     p.add_argument("--long", type=int, default=0, help="videos: the long-video figures (presence, colour and shape "
                    "stability, motion consistency, background drift; evaluate_long) instead of caption accuracy")
@@ -354,9 +408,12 @@ def main(argv=None):
         n = args.n if args.n is not None else 18 if args.video else 90
         if n < 1:
             sys.exit(f"error: --n {n}: need at least one caption")
-        lines = make_captions(n, bool(args.video), args.seed, args.phrasing)
-        args.make_captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        print(f"wrote {n} {'video' if args.video else 'image'} captions ({args.phrasing}) to {args.make_captions}")
+        cases = make_cases(n, bool(args.video), args.seed, args.phrasing)
+        args.make_captions.write_text("".join(f"{c}\n" for c, _ in cases), encoding="utf-8")
+        if args.attributes is not None:
+            args.attributes.write_text("".join(f"{json.dumps(a)}\n" for _, a in cases), encoding="utf-8")
+        print(f"wrote {n} {'video' if args.video else 'image'} captions ({args.phrasing}) to {args.make_captions}"
+              + (f", their attributes to {args.attributes}" if args.attributes is not None else ""))
         return
     if args.captions is None or args.samples is None:
         sys.exit("error: give --captions FILE.txt and --samples DIR (or --make_captions FILE.txt)")
@@ -367,14 +424,14 @@ def main(argv=None):
         captions = read_lines(args.captions, "--captions")
     except (FileNotFoundError, ConfigError) as err:
         sys.exit(f"error: {err}")
-    for i, text in enumerate(captions):
-        try:
-            parse_caption(text)
-        except ValueError as err:
-            sys.exit(f"error: {args.captions} line {i + 1}: {err}")
     try:
-        files = sample_files(captions, args.samples)
-        result = evaluate_long(captions, files) if args.long else evaluate(captions, files)
+        targets = read_attributes(args.attributes, len(captions)) if args.attributes is not None else None
+        targets = targets_of(captions, targets)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {args.captions}: {err}" if args.attributes is None else f"error: {err}")
+    try:
+        files = sample_files(captions, args.samples, targets)
+        result = evaluate_long(captions, files, targets) if args.long else evaluate(captions, files, targets)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     print(report_long(result) if args.long else report(result))

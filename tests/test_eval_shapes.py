@@ -260,3 +260,49 @@ def test_cli_errors_name_the_missing_file_and_the_bad_line(tmp_path):
     captions.write_text("\n".join(lines))
     assert_one_error_line(failed_cli("--captions", captions, "--samples", tmp_path / "s"), "line 3", "no color")
     assert_one_error_line(failed_cli("--captions", tmp_path / "none.txt", "--samples", tmp_path / "s"), "none.txt")
+
+
+def test_attributes_side_file_scores_captions_in_any_words(tmp_path):
+    """Captions in words the reader does not know are scored against a JSON Lines side file (and the file
+    --make_captions writes beside its captions holds what they were worded from); a bad side file is one line naming
+    the file, line and key."""
+    attrs = [ShapesDataset(6, seed=5).attributes(i) for i in range(6)]
+    write_images(tmp_path / "s", attrs)
+    captions, side = tmp_path / "mine.txt", tmp_path / "mine.jsonl"
+    captions.write_text("".join(f"sample number {i}, in words the reader does not know\n" for i in range(6)))
+    side.write_text("".join(json.dumps({k: a[k] for k in IMAGE_KEYS}) + "\n" for a in attrs))
+    out = run_cli("--captions", captions, "--attributes", side, "--samples", tmp_path / "s", "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["all"] == 1.0
+    wrong = [dict({k: a[k] for k in IMAGE_KEYS}, shape="square" if a["shape"] != "square" else "circle") for a in attrs]
+    side.write_text("".join(json.dumps(a) + "\n" for a in wrong))
+    out = run_cli("--captions", captions, "--attributes", side, "--samples", tmp_path / "s", "--json", tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["shape"] == 0.0
+
+    made, made_side = tmp_path / "c.txt", tmp_path / "c.jsonl"
+    assert run_cli("--make_captions", made, "--attributes", made_side, "--video", 1, "--n", 24, "--phrasing",
+                   "heldout").returncode == 0
+    pairs = zip(made.read_text().splitlines(), made_side.read_text().splitlines(), strict=True)
+    assert all(parse_caption(c) == json.loads(a) for c, a in pairs)
+
+    for text, needles in [('{"color": "red"}\n' * 6, ["line 1", "keys"]),
+                          ("".join(json.dumps(dict({k: a[k] for k in IMAGE_KEYS}, size="medium")) + "\n"
+                                   for a in attrs), ["line 1", "size 'medium'"]),
+                          ("not json\n" * 6, ["line 1", "not JSON"]), ("{}\n", ["1 lines", "6 captions"])]:
+        side.write_text(text)
+        assert_one_error_line(failed_cli("--captions", captions, "--attributes", side, "--samples", tmp_path / "s"),
+                              "mine.jsonl", *needles)
+    assert_one_error_line(failed_cli("--captions", captions, "--attributes", tmp_path / "no.jsonl", "--samples",
+                                     tmp_path / "s"), "no.jsonl")
+
+
+@pytest.mark.parametrize("kind", ["images", "videos"])
+def test_captions_people_wrote_read_as_they_meant(kind):
+    """tests/data/people-phrasings: 120 image and 72 video captions written by someone who never saw our phrasings,
+    with the attributes they meant (JSON Lines) — "from left to right", "rises", "right in the middle", "it goes in
+    the middle" (a place, not a motion) included; the reader takes each as its writer meant."""
+    folder = Path(__file__).parent / "data" / "people-phrasings"
+    captions = (folder / f"{kind}.txt").read_text().splitlines()
+    meant = [json.loads(line) for line in (folder / f"{kind}.jsonl").read_text().splitlines()]
+    assert len(captions) == len(meant) == (120 if kind == "images" else 72)
+    assert [parse_caption(c) for c in captions] == meant

@@ -152,6 +152,40 @@ def test_windowed_jacobi_equals_windowed_sequential(sweeps):
         model.reverse(z, y, guidance=1.5)
 
 
+FLOW_SCORE_VIDEO = dict(VIDEO, learnable_self_denoiser=0, conditional_denoiser=0, denoiser_window=None)
+
+
+@pytest.mark.parametrize("cfg", [FLOW_SCORE_VIDEO, dict(FLOW_SCORE_VIDEO, sos=0, cond_top_only=0, shallow_block_local=0),
+                                 dict(FLOW_SCORE_VIDEO, shallow_block_local=0, num_blocks=2, layers_per_block=[2, 2])],
+                         ids=["official-shaped", "no-sos-text-everywhere", "time-ordered-shallow"])
+def test_windowed_self_denoising_equals_the_official_windows(cfg):
+    """Self-denoising a long video in windows: each window after the first runs only its new frames with autograd
+    (Model.nll_given_context), and gives what the official process_denoising gives, a full Tweedie step of the
+    window (flow_score_step) keeping its new frames; with overlap 2 and 1 (one and two new frames per window)."""
+    from utils.inference import denoise, flow_score_step
+
+    model = tiny_model(**cfg)
+    x, y = inputs((7, 4, 4, 4))
+    for overlap in (2, 1):
+        official, start, written = x.clone(), 0, 0  # process_denoising's loop, with the whole window's step
+        while written < x.size(1):
+            step = flow_score_step(model, official[:, start:start + 3], y, 0.3)
+            official[:, written:start + 3] = step[:, written - start:]
+            written, start = start + 3, start + 3 - overlap
+        ours = denoise(model, x, y, 0.3, learnable=False, batch_size=2, window=3, overlap=overlap)
+        torch.testing.assert_close(ours, official, atol=1e-5, rtol=0)
+        assert (ours - x).abs().amax(dim=(0, 2, 3, 4)).min() > 1e-2  # every frame moved
+    whole = x[:, :3].clone().requires_grad_(True)
+    z, _, _, logdets = model(whole, y)
+    (model.get_loss(z, logdets)["loss"] * whole.numel()).backward()  # the batch's summed NLL
+    part = x[:, :3].clone().requires_grad_(True)
+    model.nll_given_context(part, y, 2).backward()
+    torch.testing.assert_close(part.grad[:, 2:], whole.grad[:, 2:], atol=1e-5, rtol=1e-5)
+    assert part.grad[:, :2].abs().max() == 0  # the context runs without autograd
+    with pytest.raises(ValueError, match="temporally causal"):
+        tiny_model(**dict(FLOW_SCORE_VIDEO, temporal_causal=0)).nll_given_context(x, y, 2)
+
+
 def test_denoiser_mask_is_its_frame_window():
     """temporal_causal 2, denoiser_window 2: a frame-f token sees all text and frames f-1 .. f+1; text sees frames 0, 1."""
     model = tiny_model(**VIDEO)

@@ -22,17 +22,37 @@ def flow_score_step(model: Model, x: torch.Tensor, y: torch.Tensor | None, noise
     return (x - noise_std ** 2 * grad).detach()
 
 
+def context_score_step(model: Model, x: torch.Tensor, y: torch.Tensor | None, noise_std: float,
+                       context: int) -> torch.Tensor:
+    """`flow_score_step` of a video window x (B, T, C, H, W) for its frames after the first `context`, which are
+    returned (B, T - context, C, H, W): the same values (to float rounding), for the cost of those frames alone plus
+    a forward pass of the context without autograd (`Model.nll_given_context`; temporally causal models)."""
+    with torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model.nll_given_context(x, y, context), x)
+    return (x - noise_std ** 2 * grad)[:, context:].detach()
+
+
 @torch.no_grad()
 def learnable_step(model: Model, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return x - DENOISER_SCALE * model.denoise(x, y).float()
 
 
 def denoise(model: Model, x: torch.Tensor, y: torch.Tensor | None, noise_std: float, learnable: bool,
-            batch_size: int = 1, window: int | None = None, overlap: int | None = None) -> torch.Tensor:
+            batch_size: int = 1, window: int | None = None, overlap: int | None = None,
+            continued: bool | None = None) -> torch.Tensor:
     """Denoise samples x (B, ...) in mini-batches.  Videos longer than `window` latent frames are denoised in windows
-    that overlap by `overlap` frames, each window rewriting only its frames after the overlap."""
+    that overlap by `overlap` frames, each window rewriting only its frames after the overlap (the official
+    `process_denoising`), so each window's context is frames already denoised.  With the flow's score and a
+    temporally causal model a window after the first pays only for its new frames (`context_score_step`: the same
+    values), so that the time per frame of a long video stays near that of the trained length; `continued=False`
+    runs every window whole, as the official code does (scripts/benchmark.py times both)."""
     step = (lambda v, t: learnable_step(model, v, t)) if learnable else \
         (lambda v, t: flow_score_step(model, v, t, noise_std))
+    possible = not learnable and bool(model.config.temporal_causal)
+    if continued and not possible:
+        raise ValueError("continued windows need the flow's score (not the learnable denoiser) and temporal_causal")
+    continued = possible if continued is None else continued
     out = []
     for i in range(0, x.size(0), max(1, batch_size)):
         xb, yb = x[i:i + batch_size].clone(), None if y is None else y[i:i + batch_size]
@@ -40,9 +60,9 @@ def denoise(model: Model, x: torch.Tensor, y: torch.Tensor | None, noise_std: fl
             keep = min(overlap if overlap is not None else window - 1, window - 1)  # each window moves on
             start, written = 0, 0
             while written < xb.size(1):
-                chunk = step(xb[:, start:start + window], yb)
-                skip = written - start  # frames already denoised by the previous window
-                xb[:, written:start + window] = chunk[:, skip:]
+                chunk, skip = xb[:, start:start + window], written - start  # skip: frames already denoised
+                xb[:, written:start + window] = context_score_step(model, chunk, yb, noise_std, skip) \
+                    if skip and continued else step(chunk, yb)[:, skip:]
                 written, start = start + window, start + window - keep
         else:
             xb = step(xb, yb)

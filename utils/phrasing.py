@@ -131,12 +131,21 @@ _LEXICON = {
                  "centered": "center", **_EXTRA["position"]},
     "direction": {"left": "left", "right": "right", "up": "up", "down": "down", "rising": "up", "falling": "down",
                   "sinking": "down", "climbing": "up", "leftwards": "left", "rightwards": "right",
+                  "rise": "up", "rises": "up", "climb": "up", "climbs": "up", "ascends": "up",
+                  "fall": "down", "falls": "down", "sink": "down", "sinks": "down", "drops": "down",
+                  "descends": "down",
                   **_EXTRA["direction"]},
 }
-_MOTION = re.compile(r"\b(moving|moves|move|going|goes|heading|heads|sliding|slides|drifting|drifts|travel+ing|"
-                     r"gliding|glides|floating|floats|"
-                     r"rising|rises|falling|falls|sinking|sinks|climbing|climbs|dropping|drops|ascending|"
-                     r"descending)\b")
+_MOTION = re.compile(r"\b(moving|moves|move|going|goes|heading|heads|sliding|slides|slide|drifting|drifts|drift|"
+                     r"travel+ing|travels|travel|gliding|glides|glide|floating|floats|float|go|"
+                     r"rising|rises|rise|falling|falls|fall|sinking|sinks|sink|climbing|climbs|climb|dropping|"
+                     r"drops|drop|ascending|ascends|descending|descends)\b")
+# "from left to right", "from the top to the bottom": the motion goes toward the second place
+_FROM_TO = re.compile(r"\bfrom (?:the )?(left|right|top|bottom)(?: side| edge)? to (?:the )?(left|right|top|bottom)\b")
+_TOWARD = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
+_PLACED = re.compile(r" (?:right )?(?:in|on|at) the\b")
+# "right in the middle", "right at the top": "right" is "exactly" there, not a place
+_JUST_THERE = re.compile(r"\bright (?=(?:in|at) the (?:very )?(?:middle|center|centre|top|bottom)\b)")
 
 
 def _find(kind: str, text: str, after: int = 0) -> list[tuple[int, str]]:
@@ -155,10 +164,16 @@ def parse_caption(text: str, video: bool | None = None) -> dict:
     """The attributes a caption asks for: {color, shape, size, position} for an image, {color, shape, direction}
     for a video (a caption that names a motion, unless `video` says which).  Reads any wording built from the
     phrasing vocabulary ("a tiny scarlet ball near the top", "top: big blue square", "a green triangle heading
-    left").  Raises ValueError naming what is missing or contradictory."""
+    left", "a red square that travels from left to right", "a blue dot right in the middle").  Raises ValueError naming what is missing or contradictory."""
     lowered = " ".join(text.lower().replace("-hand", "").split())
-    motion = _MOTION.search(lowered)
+    # a motion word, unless it places the shape ("it goes in the middle", "goes right at the top")
+    motion = next((m for m in _MOTION.finditer(lowered) if not _PLACED.match(lowered, m.end())), None)
+    path = _FROM_TO.search(lowered)
     video = bool(motion) if video is None else video
+    if video and path and path[1] != path[2]:
+        lowered = lowered[:path.start()] + _TOWARD[path[2]] + lowered[path.end():]  # the way it goes
+    elif not video:
+        lowered = _JUST_THERE.sub("", lowered)
     kinds = ("color", "shape", "direction") if video else ("color", "shape", "size", "position")
     attrs = {}
     for kind in kinds:
