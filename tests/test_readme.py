@@ -150,7 +150,7 @@ def check_reproduce(block, out, root):
 
 
 def check_wrap_training(block, out, root):
-    assert (root / "logs" / "shapes_t2v_wrap" / "model.safetensors").is_file()
+    assert (root / "logs" / "shapes_t2v_wrapphr" / "model.safetensors").is_file()
 
 
 def check_parameter_count(block, out, root):

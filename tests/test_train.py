@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "shapes", "--img_size", "16", "--channel_size", "3", "--patch_size", "2", "--channels", "32",
         "--head_dim", "32", "--layers_per_block", "1", "1", "--sos", "1", "--rope", "1", "--seq_order", "L2R",
         "--use_softplus", "1", "--cond_top_only", "1", "--use_final_norm", "1", "--soft_clip", "4",
-        "--text", str(minilm_path()), "--txt_size", "8", "--noise_std", "0.1", "--drop_label", "0.1",
+        "--text", str(minilm_path()), "--txt_size", "24", "--noise_std", "0.1", "--drop_label", "0.1",
         "--batch_size", "4", "--epoch_length", "24", "--lr", "1e-3", "--warmup_steps", "2", "--sample_freq", "0",
         "--num_workers", "0", "--log_every", "100", "--train_seed", "3", "--ema_decay", "0.9"]
 
