@@ -70,8 +70,9 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 DIRECTIONS = ("left", "right", "up", "down")
 _SIZE_PX = {"small": 10, "large": 18}  # across, at 32 px; everything scales with the image side
-MOTIONS = ("cross", "wrap")  # of videos: see render_shape
+MOTIONS = ("cross", "wrap", "bounce")  # of videos: see render_shape
 WRAP_SPEED = 3  # pixels per frame at 32 px, with motion "wrap"
+BOUNCE_SPEED = 3  # pixels per frame at 32 px, with motion "bounce"
 
 
 def render_shape(color: str, shape: str, size: str, position: str | None = None, direction: str | None = None,
@@ -84,7 +85,11 @@ def render_shape(color: str, shape: str, size: str, position: str | None = None,
     video, offset[0] is where it sits across the direction of motion. Video `motion` "cross": the shape crosses the
     frame from edge to edge in the clip, staying whole; "wrap": it moves WRAP_SPEED pixels per frame (at 32 px) and
     leaves one edge to come back at the opposite one (the frame is a torus), starting at offset[1] along the way, so
-    a clip is a window cut at a random time from an endless motion and any window of a long video looks like one.
+    a clip is a window cut at a random time from an endless motion and any window of a long video looks like one;
+    "bounce": it moves BOUNCE_SPEED pixels per frame and bounces off the borders (its centre reflected at the ends of
+    the range that keeps it a pixel off them), so it stays whole. A bounce clip starts at offset[1] of the way it
+    can go in `direction` while its first step is whole (a full step before the border): `direction` is where it
+    heads when the clip begins, and a window of a long video is a clip cut at a random time.
     """
     unit = img_size / 32
     d = round(_SIZE_PX[size] * unit)
@@ -108,7 +113,13 @@ def render_shape(color: str, shape: str, size: str, position: str | None = None,
             step, start = WRAP_SPEED * unit * (1 if forward else -1), int(img_size * offset[1])
             return np.stack([np.roll(still, round(start + step * t - middle), axis=1 if horizontal else 0)
                              for t in range(frames)])
-        along = np.linspace(lo, hi, frames) if forward else np.linspace(hi, lo, frames)
+        if motion == "bounce":
+            span, step = hi - lo, BOUNCE_SPEED * unit
+            walk = np.mod(offset[1] * (span - step) + step * np.arange(frames), 2 * span)  # unfolded, then folded:
+            along = lo + np.where(walk <= span, walk, 2 * span - walk)  # from lo towards hi and back
+            along = along if forward else lo + hi - along
+        else:
+            along = np.linspace(lo, hi, frames) if forward else np.linspace(hi, lo, frames)
         centres = [(a, across) if horizontal else (across, a) for a in along]
     out = [_draw(color, shape, d, cx, cy, img_size) for cx, cy in centres]
     return out[0] if frames == 1 else np.stack(out)
@@ -151,7 +162,7 @@ class ShapesDataset:
                  phrasing: str = "grammar", motion: str = "cross"):
         self.size, self.img_size, self.frames, self.fps, self.seed = size, img_size, frames, fps, seed
         self.phrasing = phrasing  # utils.phrasing.phrase: "grammar", or "train" for a wording drawn per epoch
-        self.motion = motion  # of videos (render_shape): "cross" the frame once, or "wrap" around it
+        self.motion = motion  # of videos (render_shape): "cross" the frame once, "wrap" around it, or "bounce"
 
     def __len__(self) -> int:
         return self.size

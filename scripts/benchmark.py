@@ -301,7 +301,8 @@ def long_video_benchmark(args, pipe):
             continue
         drift = result["background_drift"]
         print(row + f" {result['presence']:.1%} | {result['color_stable']:.1%} | {result['shape_stable']:.1%} | "
-              f"{result['motion_consistent']:.1%} ({result['consistent_steps']:.1%} of steps) | "
+              f"{result['motion_consistent']:.1%} ({result['consistent_steps']:.1%} of steps, "
+              f"{result['bounces']:.1f} bounces) | "
               f"{drift['mean']:.1f} / {drift['max']:.1f} |")
 
 

@@ -33,6 +33,8 @@ INK = 60  # a pixel is foreground when some channel is this far below white
 SQUARE_FILL, TRIANGLE_FILL = 0.9, 0.66  # bounding-box fill: square 1.0, circle ~0.79, triangle ~0.55
 CENTER_RADIUS = 2.5  # in 32-px units: centred shapes sit within 2 px of the middle, the others at least 3 px off
 MIN_SPEED = 1.0  # pixels per frame at 32 px: slower is not a motion (the shapes move 3 or ~4.5 px per frame)
+WALL = 6.0  # pixels at 32 px: a shape this close to a border may bounce off it (it turns 1 to 4 px from it)
+AXES = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}  # direction: (axis of (x, y), sign)
 
 
 ALLOWED = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "position": POSITIONS, "direction": DIRECTIONS}
@@ -164,8 +166,8 @@ def wrap_shift(inked: np.ndarray, blob: np.ndarray) -> tuple[int, int]:
 
 
 def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
-    """Attributes of the shape in one image (H, W, 3) uint8: color, shape, size, position, and its centre (x, y) in
-    pixels. Every value is None when the image holds no shape.  A shape cut by the edges (a wrapping video) is
+    """Attributes of the shape in one image (H, W, 3) uint8: color, shape, size, position, its centre (x, y) and
+    extent (width, height) in pixels. Every value is None when the image holds no shape.  A shape cut by the edges (a wrapping video) is
     measured whole (wrap_shift); its centre is given back in the frame's coordinates."""
     inked = ink(pixels) > INK
     blob = largest_blob(inked)  # shared by the wrap test and the mask: the blob search is the slow part
@@ -178,7 +180,7 @@ def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
         return found
     mask = shape_mask(pixels, blob)
     if not mask.any():
-        return dict(color=None, shape=None, size=None, position=None, center=None)
+        return dict(color=None, shape=None, size=None, position=None, center=None, extent=None)
     side, unit = pixels.shape[1], pixels.shape[1] / 32
     ys, xs = np.nonzero(mask)
     w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
@@ -197,7 +199,8 @@ def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
         position = "left" if dx < 0 else "right"
     else:
         position = "top" if dy < 0 else "bottom"
-    return dict(color=color, shape=shape, size=size, position=position, center=(float(cx), float(cy)))
+    return dict(color=color, shape=shape, size=size, position=position, center=(float(cx), float(cy)),
+                extent=(int(w), int(h)))
 
 
 def steps(per_frame: list[dict], size: tuple[int, int]) -> list[tuple[float, float] | None]:
@@ -225,10 +228,50 @@ def direction_of(dx: float, dy: float, frames: int, unit: float) -> str | None:
     return "down" if dy > 0 else "up"
 
 
+def walk(per_frame: list[dict], moves: list, direction: str, size: tuple[int, int]) -> tuple[list[bool], list[int]]:
+    """Follow a shape heading in `direction` step by step, bouncing off the borders (dataset.render_shape's motion
+    "bounce"): (whether each step keeps the heading, the indices of the steps that bounce).
+
+    A step keeps the heading when it moves at least MIN_SPEED pixels (at 32 px) along it, and more along it than
+    across. A bounce is excepted where the last step went towards a border and the shape, whole, is within WALL
+    pixels of it: a step that moves back (the heading turns), or one that stalls there, once, before moving back. `per_frame[i]` is the
+    frame before `moves[i]` (measure_image), `size` the frame's (H, W)."""
+    axis, sign = AXES[direction]
+    unit, side = size[1] / 32, size[1 - axis]
+    good, bounces, stalled, toward = [], [], False, False  # toward: the last step went towards the heading's border
+    for before, m in zip(per_frame, moves):
+        if m is None:
+            good.append(False)
+            stalled = toward = False
+            continue
+        along, across = m[axis], abs(m[1 - axis])
+        wall = False
+        if before["center"] is not None and (toward or stalled):
+            lead = before["center"][axis] + sign * before["extent"][axis] / 2  # its edge on the heading side
+            wall = 0 <= (side - lead if sign > 0 else lead) <= WALL * unit  # near it, and whole (not wrapping)
+        step_toward = sign * along > 0
+        if sign * along >= MIN_SPEED * unit and abs(along) > across:
+            good.append(True)
+            stalled = False
+        elif wall and -sign * along >= MIN_SPEED * unit and abs(along) > across:  # back off the border
+            good.append(True)
+            bounces.append(len(good) - 1)
+            sign, stalled, step_toward = -sign, False, True
+        elif wall and not stalled and max(abs(along), across) < MIN_SPEED * unit:  # turning at the border
+            good.append(True)
+            stalled = True
+        else:
+            good.append(False)
+            stalled = False
+        toward = step_toward
+    return good, bounces
+
+
 def measure_video(frames: np.ndarray) -> dict:
     """Attributes of the moving shape in a video (T, H, W, 3) uint8: color and shape by majority over the frames,
     direction from the shape's displacement summed over the steps between frames that show it (steps), or None
-    when it moves less than MIN_SPEED pixels per frame."""
+    when it moves less than MIN_SPEED pixels per frame. A shape that bounces off a border (walk) is heading where it
+    went before the first bounce, as the caption of a bouncing clip says (dataset.render_shape)."""
     per_frame = [measure_image(f) for f in frames]
     shown = [m for m in per_frame if m["center"] is not None]
     if not shown:
@@ -237,9 +280,14 @@ def measure_video(frames: np.ndarray) -> dict:
     def majority(key):
         return Counter(m[key] for m in shown).most_common(1)[0][0]
 
-    moves = steps(shown, frames.shape[1:3])
-    dx, dy = sum(m[0] for m in moves), sum(m[1] for m in moves)
-    direction = direction_of(dx, dy, len(moves), frames.shape[2] / 32)
+    moves, unit = steps(shown, frames.shape[1:3]), frames.shape[2] / 32
+    direction = direction_of(sum(m[0] for m in moves), sum(m[1] for m in moves), len(moves), unit)
+    first = next((direction_of(*m, 1, unit) for m in moves if direction_of(*m, 1, unit)), None)
+    bounces = walk(shown, moves, first, frames.shape[1:3])[1] if first else []
+    if bounces and bounces[0] > 0:  # the steps before the first bounce
+        before = moves[:bounces[0]]
+        direction = direction_of(sum(m[0] for m in before), sum(m[1] for m in before), len(before),
+                                 unit) or direction
     return dict(color=majority("color"), shape=majority("shape"), direction=direction)
 
 
@@ -248,16 +296,15 @@ def measure_long_video(frames: np.ndarray, direction: str | None = None) -> dict
     presence: share of frames that show a shape; color_stable / shape_stable: share of frames whose colour / shape
     equal the first frame's (a frame without a shape counts as a change); motion_consistent: whether every step
     between frames moves at least MIN_SPEED pixels (at 32 px) in the clip's direction (`direction`, default the
-    first step's) and more along it than across it; consistent_steps: the share of such steps; background_drift:
+    first step's) and more along it than across it, bounces off a border excepted (walk); consistent_steps: the
+    share of such steps; bounces: how many steps bounced; background_drift:
     the largest distance (RGB, 0-255) of a frame's mean background colour from the first frame's."""
     per_frame = [measure_image(f) for f in frames]
     first, n, unit = per_frame[0], len(frames), frames.shape[2] / 32
     moves = steps(per_frame, frames.shape[1:3])
     if direction is None and moves and moves[0] is not None:
         direction = direction_of(*moves[0], 1, unit)
-    axis, sign = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}.get(direction, (None, 0))
-    good = [m is not None and axis is not None and sign * m[axis] >= MIN_SPEED * unit
-            and abs(m[axis]) > abs(m[1 - axis]) for m in moves]
+    good, bounces = walk(per_frame, moves, direction, frames.shape[1:3]) if direction else ([False] * len(moves), [])
     background = []
     for f in frames:
         clear = ink(f) < INK // 2  # clearly background, away from the shape's blurred edge
@@ -267,14 +314,14 @@ def measure_long_video(frames: np.ndarray, direction: str | None = None) -> dict
                 color_stable=sum(first["color"] is not None and m["color"] == first["color"] for m in per_frame) / n,
                 shape_stable=sum(first["shape"] is not None and m["shape"] == first["shape"] for m in per_frame) / n,
                 motion_consistent=bool(good) and all(good), consistent_steps=sum(good) / max(len(good), 1),
-                background_drift=drift)
+                bounces=len(bounces), background_drift=drift)
 
 
 def evaluate_long(captions: list[str], files: list, targets: list[dict] | None = None) -> dict:
     """measure_long_video over videos `files` (paths or (T, H, W, 3) arrays) generated from video `captions` (the
     caption's direction, or that of its `targets`, is the one the motion must keep).  Returns {"n", "frames": T of the first, "presence",
-    "color_stable", "shape_stable", "consistent_steps" (means over the videos), "motion_consistent" (share of
-    videos), "background_drift" (mean and max), "samples": [per-video dicts with the caption]}."""
+    "color_stable", "shape_stable", "consistent_steps", "bounces" (means over the videos), "motion_consistent" (share
+    of videos), "background_drift" (mean and max), "samples": [per-video dicts with the caption]}."""
     if len(captions) != len(files) or not captions:
         raise ValueError(f"{len(captions)} captions but {len(files)} videos")
     samples = []
@@ -285,7 +332,7 @@ def evaluate_long(captions: list[str], files: list, targets: list[dict] | None =
     mean = lambda key: float(np.mean([s[key] for s in samples]))
     return dict(n=len(samples), frames=samples[0]["frames"],
                 **{k: mean(k) for k in ("presence", "color_stable", "shape_stable", "consistent_steps",
-                                        "motion_consistent")},
+                                        "motion_consistent", "bounces")},
                 background_drift=dict(mean=mean("background_drift"),
                                       max=max(s["background_drift"] for s in samples)), samples=samples)
 
@@ -381,7 +428,7 @@ def report_long(result: dict) -> str:
                       f"  colour stable      {result['color_stable']:6.1%}  (frames with the first frame's colour)",
                       f"  shape stable       {result['shape_stable']:6.1%}  (frames with the first frame's shape)",
                       f"  motion consistent  {result['motion_consistent']:6.1%}  (videos; "
-                      f"{result['consistent_steps']:.1%} of the steps)",
+                      f"{result['consistent_steps']:.1%} of the steps; {result['bounces']:.1f} bounces a video)",
                       f"  background drift   {drift['mean']:.1f} mean, {drift['max']:.1f} max  (RGB, 0-255)"])
 
 

@@ -202,6 +202,34 @@ def test_wrapping_shape_videos_move_three_pixels_a_frame_around_the_torus(img_si
     assert cut > 20 and len(starts) > 10  # most clips cross an edge; they start all over the frame
 
 
+@pytest.mark.parametrize("img_size", [32, 64])
+def test_bouncing_shape_videos_stay_whole_and_turn_only_at_the_borders(img_size):
+    """motion "bounce" (the video demo model's data): the shape, always whole and a pixel off the borders, moves 3 px
+    per frame (at 32 px) along the named direction's axis and turns only where it meets a border; the first step is
+    a whole step in the named direction, and clips start all along the way."""
+    data, unit, turns, starts = ShapesDataset(40, img_size, frames=24, fps=4, seed=5, motion="bounce"), img_size // 32, 0, set()
+    for i in range(len(data)):
+        attrs = data.attributes(i)
+        video, caption, _ = data.load(i, np.random.default_rng(0))
+        assert video.shape == (24, img_size, img_size, 3) and caption == shape_caption(**attrs)
+        axis, sign = {"right": (1, 1), "left": (1, -1), "down": (0, 1), "up": (0, -1)}[attrs["direction"]]
+        inked = (video < 250).any(-1)  # (T, H, W)
+        lines = inked.any(1 if axis == 1 else 2)  # (T, n): the lines across the axis that hold ink
+        first = lines.argmax(1)
+        last = lines.shape[1] - 1 - lines[:, ::-1].argmax(1)
+        assert (first >= unit).all() and (last <= img_size - 1 - unit).all(), caption  # whole, off the borders
+        assert (inked.any((1, 2))).all() and len({int(n) for n in inked.sum((1, 2))}) == 1  # the same shape
+        moves = np.diff(first)
+        assert moves[0] == sign * 3 * unit, caption
+        for t, move in enumerate(moves):
+            if move != moves[t - 1] and t > 0:  # a turn: the shape is at a border
+                turns += 1
+                assert min(first[t], img_size - 1 - last[t]) <= 4 * unit, (caption, t)
+            assert abs(move) <= 3 * unit
+        starts.add(int(first[0]))
+    assert turns > 40 and len(starts) > 10
+
+
 def test_shape_videos_move_in_the_named_direction():
     data = ShapesDataset(40, frames=8, fps=4, seed=2)
     directions = set()

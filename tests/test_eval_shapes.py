@@ -148,7 +148,7 @@ def test_long_video_figures_count_what_breaks():
     video = render_shape(**attrs, frames=32, motion="wrap")
     assert measure_long_video(video, "right") == dict(presence=1.0, color_stable=1.0, shape_stable=1.0,
                                                       motion_consistent=True, consistent_steps=1.0,
-                                                      background_drift=0.0)
+                                                      bounces=0, background_drift=0.0)
     broken = video.copy()
     broken[8:12] = render_shape(**{**attrs, "color": "blue"}, frames=32, motion="wrap")[8:12]
     broken[20] = 255  # no shape
@@ -162,6 +162,33 @@ def test_long_video_figures_count_what_breaks():
     result = evaluate_long(["a red square moving right", "a red box going right"], [video, broken])
     assert result["n"] == 2 and result["frames"] == 32 and result["motion_consistent"] == 0.5
     assert result["presence"] == (1 + 31 / 32) / 2 and result["background_drift"]["max"] == got["background_drift"]
+
+
+def test_bouncing_videos_keep_their_heading_and_turns_away_from_the_borders_break_it():
+    """Motion "bounce": a clip heads where the caption says until it bounces (every clip is measured right, clean
+    and noisy); over 32 frames every step keeps the heading or bounces off a border. A shape that turns back in the
+    middle of the frame, or stays at a border, breaks the motion."""
+    rng = np.random.default_rng(6)
+    cases = [dict(color=c, shape=s, size=z, direction=d, offset=tuple(rng.random(2)))
+             for c, s, z, d in itertools.product(COLORS, SHAPES, SIZES, DIRECTIONS)]
+    render = lambda a: render_shape(**a, frames=4, motion="bounce")  # noqa: E731
+    assert accuracy(cases, measure_video, render, VIDEO_KEYS) == dict.fromkeys(VIDEO_KEYS, 1.0)
+    noise = accuracy(cases, measure_video, lambda a: noisy(render(a), rng), VIDEO_KEYS)
+    assert min(noise.values()) >= 0.99, noise
+    for attrs in cases[::7]:
+        got = measure_long_video(render_shape(**attrs, frames=32, motion="bounce"), attrs["direction"])
+        assert got["motion_consistent"] and got["bounces"] >= 3, (attrs, got)
+    attrs = dict(color="red", shape="circle", size="small", direction="right", offset=(0.5, 0.0))
+    video = render_shape(**attrs, frames=32, motion="bounce")  # x = 6, 9, ... 24, then 25, 22, 19 ...
+    turned = np.concatenate([video[:4], video[3::-1]])  # back at x = 15: 11 px from the right border
+    got = measure_long_video(turned, "right")
+    assert not got["motion_consistent"] and got["bounces"] == 0 and got["consistent_steps"] == 3 / 7
+    stuck = np.concatenate([video[:7], video[6:7].repeat(3, 0)])  # stays at the border
+    got = measure_long_video(stuck, "right")
+    assert not got["motion_consistent"] and got["consistent_steps"] == 7 / 9
+    wrong_way = measure_long_video(video, "left")  # it heads right: the 7 steps up to its first bounce are wrong
+    assert not wrong_way["motion_consistent"] and wrong_way["consistent_steps"] == 24 / 31
+    assert measure_video(video[5:9])["direction"] == "right"  # x = 21, 24, 25, 22: it went 1 px, summed (no motion)
 
 
 def test_blank_image_measures_nothing_and_counts_as_wrong():

@@ -268,9 +268,10 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--shapes_phrasing", choices=["train", "grammar"], default="train",
                    help="shapes captions: drawn from many phrasings of the attributes (train; utils.phrasing), or "
                         "the strict grammar 'a small red circle left' (grammar)")
-    g.add_argument("--shapes_motion", choices=["cross", "wrap"], default="cross",
+    g.add_argument("--shapes_motion", choices=["cross", "wrap", "bounce"], default="cross",
                    help="shapes videos: the shape crosses the frame once per clip (cross), or moves 3 px per frame "
-                        "(at 32 px) and wraps around the frame, a clip being a window of an endless motion (wrap)")
+                        "(at 32 px) and wraps around the frame (wrap) or bounces off its borders (bounce), a clip being a "
+                        "window of an endless motion")
     g.add_argument("--logdir", type=Path, default=Path("logs"), help="where outputs go: checkpoints, samples")
     g.add_argument("--img_size", type=POSITIVE, default=32, help="image side in pixels (the area is img_size^2)")
     g.add_argument("--vid_size", type=video_size, default=None,
