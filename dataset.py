@@ -3,7 +3,8 @@
     x         float32 in [-1, 1]: images (B, 3, H, W), videos (B, T, 3, H, W)
     captions  list of B strings
     meta      {"fps": LongTensor (B,) (0 for images), "aspect_ratio": one ratio for the whole batch, e.g. "16:9",
-               "index": LongTensor (B,) of dataset indices (-1 for tar shards, which have none)}
+               "index": LongTensor (B,) of dataset indices (-1 for tar shards, which have none),
+               "context": LongTensor (B,) of leading video frames given, not scored (0: the whole clip is scored)}
 
 Three sources (`--dataset`): `shapes`, coloured shapes drawn from a seed (tests and the demo models); `folder`,
 images or .mp4 videos under `--data` with captions beside them; `webdataset`, tar shards. With `--mix_aspect` each
@@ -73,11 +74,12 @@ _SIZE_PX = {"small": 10, "large": 18}  # across, at 32 px; everything scales wit
 MOTIONS = ("cross", "wrap", "bounce")  # of videos: see render_shape
 WRAP_SPEED = 3  # pixels per frame at 32 px, with motion "wrap"
 BOUNCE_SPEED = 3  # pixels per frame at 32 px, with motion "bounce"
+LATER = 24  # a continuation clip (ShapesDataset) starts 1 to LATER frames into its motion: more than a period
 
 
 def render_shape(color: str, shape: str, size: str, position: str | None = None, direction: str | None = None,
                  img_size: int = 32, frames: int = 1, offset: tuple[float, float] = (0.5, 0.5),
-                 motion: str = "cross") -> np.ndarray:
+                 motion: str = "cross", start: int = 0) -> np.ndarray:
     """One shapes sample as uint8 pixels on white: an image (H, W, 3) with the shape at `position`, or a video
     (T, H, W, 3) of the shape moving in `direction`.
 
@@ -89,7 +91,8 @@ def render_shape(color: str, shape: str, size: str, position: str | None = None,
     "bounce": it moves BOUNCE_SPEED pixels per frame and bounces off the borders (its centre reflected at the ends of
     the range that keeps it a pixel off them), so it stays whole. A bounce clip starts at offset[1] of the way it
     can go in `direction` while its first step is whole (a full step before the border): `direction` is where it
-    heads when the clip begins, and a window of a long video is a clip cut at a random time.
+    heads when the clip begins, and a window of a long video is a clip cut at a random time. `start` > 0 (bounce
+    only) cuts the clip that many frames later in the same motion, where it may head the other way.
     """
     unit = img_size / 32
     d = round(_SIZE_PX[size] * unit)
@@ -105,6 +108,8 @@ def render_shape(color: str, shape: str, size: str, position: str | None = None,
     else:
         if motion not in MOTIONS:
             raise ValueError(f"motion {motion!r}: one of {', '.join(MOTIONS)}")
+        if start and motion != "bounce":
+            raise ValueError(f"start {start}: only a bouncing motion is cut later")
         across = lo + (hi - lo) * offset[0]
         forward, horizontal = direction in ("right", "down"), direction in ("left", "right")
         if motion == "wrap":  # the shape drawn whole in the middle, then rolled around the frame
@@ -115,8 +120,8 @@ def render_shape(color: str, shape: str, size: str, position: str | None = None,
                              for t in range(frames)])
         if motion == "bounce":
             span, step = hi - lo, BOUNCE_SPEED * unit
-            walk = np.mod(offset[1] * (span - step) + step * np.arange(frames), 2 * span)  # unfolded, then folded:
-            along = lo + np.where(walk <= span, walk, 2 * span - walk)  # from lo towards hi and back
+            walk = np.mod(offset[1] * (span - step) + step * (start + np.arange(frames)), 2 * span)  # unfolded, then
+            along = lo + np.where(walk <= span, walk, 2 * span - walk)  # folded: from lo towards hi and back
             along = along if forward else lo + hi - along
         else:
             along = np.linspace(lo, hi, frames) if forward else np.linspace(hi, lo, frames)
@@ -154,12 +159,22 @@ class ShapesDataset:
     from the training phrasings (utils.phrasing) with the sample's random stream, (seed, epoch, i): each epoch words
     it anew, and a resumed run draws the same wordings.
 
+    With `continuation` p > 0 (bouncing videos), a share p of the clips are continuation windows: cut 1 to LATER
+    frames into the motion their caption names the start of (render_shape's `start`), so the shape may head the
+    other way after a bounce, and only their last frame is to be scored, given the others (`context`): what a
+    sliding window samples after its first window, without teaching a first window that heads against its caption.
+
     A horizontal flip would swap "left" and "right" in the captions, so these samples are never flipped.
     """
     flippable = False
 
     def __init__(self, size: int, img_size: int = 32, frames: int = 1, fps: int = 8, seed: int = 0,
-                 phrasing: str = "grammar", motion: str = "cross"):
+                 phrasing: str = "grammar", motion: str = "cross", continuation: float = 0.0):
+        if continuation and (frames < 2 or motion != "bounce"):
+            raise ValueError(f"continuation {continuation}: only for bouncing videos (motion 'bounce', frames > 1)")
+        if not 0 <= continuation <= 1:
+            raise ValueError(f"continuation {continuation}: a probability in [0, 1]")
+        self.continuation = continuation
         self.size, self.img_size, self.frames, self.fps, self.seed = size, img_size, frames, fps, seed
         self.phrasing = phrasing  # utils.phrasing.phrase: "grammar", or "train" for a wording drawn per epoch
         self.motion = motion  # of videos (render_shape): "cross" the frame once, "wrap" around it, or "bounce"
@@ -176,7 +191,13 @@ class ShapesDataset:
         else:
             attrs["position"] = rng.choice(POSITIONS)
         attrs["offset"] = tuple(rng.random(2))
+        if self.continuation:  # drawn after the rest: the other attributes do not depend on it
+            attrs["start"] = int(rng.integers(1, LATER + 1)) if rng.random() < self.continuation else 0
         return {k: v.item() if isinstance(v, np.generic) else v for k, v in attrs.items()}
+
+    def context(self, index: int) -> int:
+        """Leading frames of sample `index` given rather than scored: all but the last of a continuation clip."""
+        return self.frames - 1 if self.attributes(index).get("start") else 0
 
     def frame_size(self, index: int) -> tuple[int, int]:
         return self.img_size, self.img_size
@@ -340,13 +361,15 @@ class Unreadable:
 
 
 def _collate(items: list) -> "tuple[torch.Tensor, list[str], dict] | Unreadable":
-    """[(x, caption, fps, index, ratio)] -> (x (B, ...), captions, meta); a batch holds one ratio."""
+    """[(x, caption, fps, index, ratio[, context])] -> (x (B, ...), captions, meta); a batch holds one ratio."""
     failed = next((item for item in items if isinstance(item, Unreadable)), None)
     if failed is not None:
         return failed
-    x, captions, fps, index, ratios = zip(*items)
+    x, captions, fps, index, ratios = zip(*(item[:5] for item in items))
+    context = [item[5] if len(item) > 5 else 0 for item in items]
     return torch.stack(x), list(captions), {"fps": torch.tensor(fps, dtype=torch.long), "aspect_ratio": ratios[0],
-                                            "index": torch.tensor(index, dtype=torch.long)}
+                                            "index": torch.tensor(index, dtype=torch.long),
+                                            "context": torch.tensor(context, dtype=torch.long)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -402,7 +425,8 @@ class _Samples(torch.utils.data.Dataset):
             pixels, caption, fps = self.source.load(index, rng)
         except ValueError as err:  # names the file (see Unreadable)
             return Unreadable(str(err))
-        return self.transform(pixels, ratio, rng), caption, fps, index, ratio
+        context = self.source.context(index) if hasattr(self.source, "context") else 0
+        return self.transform(pixels, ratio, rng), caption, fps, index, ratio, context
 
 
 class Loader:
@@ -586,7 +610,7 @@ def build_loader(args, rank: int = 0, world_size: int = 1, multiple: int = 8, nu
 
     if args.dataset == "shapes":
         source = ShapesDataset(args.epoch_length, args.img_size, frames, fps or 8, phrasing=args.shapes_phrasing,
-                               motion=args.shapes_motion)
+                               motion=args.shapes_motion, continuation=args.shapes_continuation)
     elif args.dataset == "folder":
         source = FolderDataset(args.data, frames, fps)
     else:

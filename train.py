@@ -93,11 +93,17 @@ class Step:
     def micro_step(self, batch, last: bool) -> dict:
         args, acc = self.args, self.args.acc
         latents, y = self.inputs(*batch)
+        context = batch[2].get("context")
+        if context is not None and context.any():  # less the frames drop_image took off the front
+            context = (context - (batch[0].size(1) - latents.size(1))).clamp(min=0).to(latents.device)
+        else:
+            context = None
         sync = nullcontext() if last or self.procs.world_size == 1 else _no_sync(self.net)
         with sync:
             with torch.autocast(**self.autocast):
                 z, _, outputs, logdets = self.net(latents, y)
-                out = self.model.get_loss(z, logdets, args.noise_std / 0.3 if args.cond_noise_level else None)
+                out = self.model.get_loss(z, logdets, args.noise_std / 0.3 if args.cond_noise_level else None,
+                                          context=context)
                 loss = out["loss"]
                 if args.latent_norm_regularization > 0:  # keep intermediate latents small (outputs[0] is the input)
                     loss = loss + args.latent_norm_regularization * sum(o.float().pow(2).mean() for o in outputs[:-1])
@@ -208,6 +214,11 @@ def build(args, procs):
     factor = vae.downsample_factor if vae is not None else 1
     check_image_size(args, factor)
     model = setup_transformer(args, text.width if text else 0, factor).to(procs.device)
+    if args.shapes_continuation and (not model.config.temporal_causal or args.learnable_self_denoiser
+                                     or (vae is not None and vae.temporal_downsample_factor != 1)):
+        raise ConfigError(f"--shapes_continuation {args.shapes_continuation} scores a clip's last frame given the "
+                          "others: it needs --temporal_causal, a frame-by-frame VAE and no --learnable_self_denoiser "
+                          "(whose target is the whole clip's score)")
     loader = build_loader(args, procs.rank, procs.world_size, factor * args.patch_size, args.num_workers)
     return text, vae, model, loader
 

@@ -875,11 +875,23 @@ class Model(nn.Module):
         return z_past, block.from_seq((s_new.float() - mu) / sigma, new.shape).to(h.dtype), -sigma.log()
 
     @staticmethod
-    def get_loss(z, logdets, weights=None) -> dict[str, torch.Tensor]:
+    def get_loss(z, logdets, weights=None, context=None) -> dict[str, torch.Tensor]:
         """Per-dimension negative log-likelihood in nats (without the 0.5 log 2 pi constant), averaged over the batch;
-        `weights` scales each sample's loss."""
-        loss_z = 0.5 * z.float().pow(2).flatten(1).mean(1)
-        loss_logdet = -sum(ld.reshape(ld.size(0), -1).mean(1) for ld in logdets)
+        `weights` scales each sample's loss.  `context` (B,) (videos z (B, T, ...)): sample b's first context[b]
+        frames are given, not scored: its loss is the mean over its later frames, which in a temporally causal
+        model is their NLL given those frames (`nll_given_context`; every term of z and of the log-determinants,
+        per token in time order, belongs to one frame)."""
+        if context is None:
+            loss_z = 0.5 * z.float().pow(2).flatten(1).mean(1)
+            loss_logdet = -sum(ld.reshape(ld.size(0), -1).mean(1) for ld in logdets)
+        else:
+            B, T = z.shape[:2]
+            scored = (torch.arange(T, device=z.device) >= context[:, None]).float()  # (B, T)
+
+            def per_frame(t):  # (B, T, ...) in time order -> the mean over each sample's scored frames
+                return (t.float().reshape(B, T, -1).mean(2) * scored).sum(1) / scored.sum(1)
+            loss_z = 0.5 * per_frame(z.pow(2))
+            loss_logdet = -sum(per_frame(ld) for ld in logdets if ld.dim() > 1)  # (B,): an IdentityBlock's zeros
         loss = loss_z + loss_logdet
         if weights is not None:
             loss = loss * weights

@@ -36,7 +36,7 @@ RATIO_SIZES = [(64, 32), (32, 64), (32, 32)]  # (w, h): buckets 16:9, 9:16 and 1
 def config(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**dict(data=Path("unused"), dataset="shapes", img_size=32, vid_size=None,
                                         mix_aspect=0, no_flip=1, batch_size=4, epoch_length=32, train_seed=0,
-                                        shapes_phrasing="grammar", shapes_motion="cross"),
+                                        shapes_phrasing="grammar", shapes_motion="cross", shapes_continuation=0.0),
                                  **overrides})
 
 
@@ -228,6 +228,32 @@ def test_bouncing_shape_videos_stay_whole_and_turn_only_at_the_borders(img_size)
             assert abs(move) <= 3 * unit
         starts.add(int(first[0]))
     assert turns > 40 and len(starts) > 10
+
+
+def test_continuation_clips_are_later_windows_of_their_captions_motion_scored_on_their_last_frame():
+    """--shapes_continuation p: a share p of the bouncing clips are cut 1 to 24 frames into the motion their caption
+    names the start of (frames start.. of the clip that starts there), with every other attribute as without
+    continuation; their context is all frames but the last, and it reaches the batches' meta."""
+    plain = ShapesDataset(200, frames=4, fps=4, seed=3, motion="bounce")
+    later = ShapesDataset(200, frames=4, fps=4, seed=3, motion="bounce", continuation=0.5)
+    starts = []
+    for i in range(len(later)):
+        attrs, first = later.attributes(i), plain.attributes(i)
+        start = attrs.pop("start")
+        assert attrs == first and later.context(i) == (3 if start else 0)
+        video, caption, _ = later.load(i, np.random.default_rng(0))
+        assert caption == shape_caption(**first)
+        assert (video == render_shape(**first, frames=start + 4, motion="bounce")[start:]).all()
+        starts.append(start)
+    moved = [s for s in starts if s]
+    assert 70 < len(moved) < 130 and min(moved) == 1 and max(moved) == 24 and plain.context(0) == 0
+    loader = build_loader(config(vid_size="4:4", shapes_motion="bounce", shapes_continuation=0.5, batch_size=8),
+                          num_workers=0, multiple=8)
+    _, _, meta = next(iter(loader))
+    assert sorted(set(meta["context"].tolist())) == [0, 3]
+    for bad in (dict(motion="wrap", continuation=0.5), dict(motion="bounce", continuation=1.5)):
+        with pytest.raises(ValueError, match="continuation"):
+            ShapesDataset(8, frames=4, **bad)
 
 
 def test_shape_videos_move_in_the_named_direction():

@@ -186,6 +186,44 @@ def test_windowed_self_denoising_equals_the_official_windows(cfg):
         tiny_model(**dict(FLOW_SCORE_VIDEO, temporal_causal=0)).nll_given_context(x, y, 2)
 
 
+@pytest.mark.parametrize("cfg", [FLOW_SCORE_VIDEO, dict(FLOW_SCORE_VIDEO, sos=0, cond_top_only=0, shallow_block_local=0),
+                                 dict(FLOW_SCORE_VIDEO, shallow_block_local=0, num_blocks=2, layers_per_block=[2, 2])],
+                         ids=["official-shaped", "no-sos-text-everywhere", "time-ordered-shallow"])
+def test_loss_with_given_frames_is_the_nll_of_the_rest_given_them(cfg):
+    """get_loss(context=c): sample b's loss is the mean over its frames after c[b], which in a temporally causal
+    model is their NLL given the first c[b] frames: the value of nll_given_context, and the parameters' gradient of
+    the whole clip's NLL less that of its first c[b] frames alone (whose NLL no later frame changes); context 0 is
+    the whole clip's loss (continuation clips of the shapes data, --shapes_continuation)."""
+    model = tiny_model(**cfg)
+    x, y = inputs((4, 4, 4, 4))  # (B, T, C, H, W)
+    per_frame = x[0, 0].numel()
+    contexts = torch.tensor([3, 1])
+
+    def nll(v, t):  # summed over the sample's dimensions
+        z, _, _, logdets = model(v, t)
+        return model.get_loss(z, logdets)["loss"] * v.numel()
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in model.parameters()])
+
+    z, _, _, logdets = model(x, y)
+    masked = model.get_loss(z, logdets, context=contexts)["loss"]
+    scored = [(x.size(1) - int(c)) * per_frame for c in contexts]
+    given = sum(model.nll_given_context(x[b:b + 1], y[b:b + 1], int(c)).detach() / scored[b]
+                for b, c in enumerate(contexts)) / x.size(0)
+    torch.testing.assert_close(masked, given, atol=1e-5, rtol=1e-5)
+    rest = sum((nll(x[b:b + 1], y[b:b + 1]) - nll(x[b:b + 1, :int(c)], y[b:b + 1])) / scored[b]
+               for b, c in enumerate(contexts)) / x.size(0)
+    torch.testing.assert_close(rest.detach(), given, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads(masked), grads(rest), atol=1e-5, rtol=1e-4)
+    z, _, _, logdets = model(x, y)
+    torch.testing.assert_close(model.get_loss(z, logdets, context=torch.zeros(2, dtype=torch.long))["loss"],
+                               model.get_loss(z, logdets)["loss"])
+
+
 def test_denoiser_mask_is_its_frame_window():
     """temporal_causal 2, denoiser_window 2: a frame-f token sees all text and frames f-1 .. f+1; text sees frames 0, 1."""
     model = tiny_model(**VIDEO)

@@ -238,6 +238,24 @@ def test_drop_image_trains_on_the_clip_without_its_first_frame(tmp_path):
     assert out["skipped"] == 0 and math.isfinite(out["loss"])
 
 
+@pytest.mark.filterwarnings("ignore:captions are cut")
+@pytest.mark.parametrize("drop_image", [0, 1])
+def test_continuation_clips_are_scored_after_their_context(tmp_path, monkeypatch, drop_image):
+    """--shapes_continuation: the loss is told each sample's given frames (all but the last of a continuation clip,
+    one fewer when --drop_image took the first frame off), and the step trains; an image model refuses the flag."""
+    step, model, opt, (x, captions, meta) = build_step(
+        tmp_path, "--vid_size", "4:8", "--temporal_causal", "2", "--shallow_block_local", "1", "--epoch_length", "8",
+        "--shapes_motion", "bounce", "--shapes_continuation", "0.5", "--drop_image", str(drop_image))
+    seen, get_loss = [], model.get_loss
+    monkeypatch.setattr(model, "get_loss", lambda *a, context=None: seen.append(context) or get_loss(*a, context=context))
+    out = step([(x, captions, meta)], 0, 2, 10)
+    assert sorted(set(meta["context"].tolist())) == [0, 3]
+    assert seen[0].tolist() == (meta["context"] - drop_image).clamp(min=0).tolist()
+    assert out["skipped"] == 0 and math.isfinite(out["loss"])
+    code, err = cli_error(train.main, [*TINY, "--logdir", str(tmp_path / "image"), "--shapes_continuation", "0.5"])
+    assert code != 0 and err.strip().splitlines()[-1].startswith("error: --shapes_continuation 0.5 scores")
+
+
 def test_half_precision_export_halves_the_file_and_loads_back(tmp_path):
     """--export_dtype fp16 stores every weight rounded to fp16 (half the bytes, the config kept); loading casts them
     back into an fp32 model exactly."""

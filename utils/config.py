@@ -272,6 +272,10 @@ def add_data_args(p: argparse.ArgumentParser):
                    help="shapes videos: the shape crosses the frame once per clip (cross), or moves 3 px per frame "
                         "(at 32 px) and wraps around the frame (wrap) or bounces off its borders (bounce), a clip being a "
                         "window of an endless motion")
+    g.add_argument("--shapes_continuation", type=PROBABILITY, default=0.0,
+                   help="bouncing shapes videos: the share of clips cut 1-24 frames into their caption's motion, "
+                        "whose last frame alone is scored given the others (what a sliding window samples after its "
+                        "first window); needs --shapes_motion bounce and a temporally causal model")
     g.add_argument("--logdir", type=Path, default=Path("logs"), help="where outputs go: checkpoints, samples")
     g.add_argument("--img_size", type=POSITIVE, default=32, help="image side in pixels (the area is img_size^2)")
     g.add_argument("--vid_size", type=video_size, default=None,
