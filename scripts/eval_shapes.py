@@ -282,7 +282,7 @@ def measure_video(frames: np.ndarray) -> dict:
 
     moves, unit = steps(shown, frames.shape[1:3]), frames.shape[2] / 32
     direction = direction_of(sum(m[0] for m in moves), sum(m[1] for m in moves), len(moves), unit)
-    first = next((direction_of(*m, 1, unit) for m in moves if direction_of(*m, 1, unit)), None)
+    first = next(filter(None, (direction_of(*m, 1, unit) for m in moves)), None)  # the first step that moves
     bounces = walk(shown, moves, first, frames.shape[1:3])[1] if first else []
     if bounces and bounces[0] > 0:  # the steps before the first bounce
         before = moves[:bounces[0]]
