@@ -27,10 +27,10 @@ an orange block in the middle, large
 a small purple triangle on the left
 EOF
 cat > "$out/video_captions.txt" <<'EOF'
-a red circle moving right
-a blue square moving down
-a green triangle moving left
-a yellow circle moving up
+a red ball moving to the right
+a blue square falling
+there is a green triangle heading to the left
+a yellow circle going up
 EOF
 
 echo "== text to image: 12 captions, one grid"

@@ -22,7 +22,7 @@ from utils.config import ConfigError, Parser, device_name, number, run_cli  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = [ROOT / "ckpts" / "starflow_shapes_t2i_32x32.safetensors", ROOT / "ckpts" / "starflow-v_shapes_t2v_32x32.safetensors"]
-EXAMPLES = {"image": "a big red circle in the middle", "video": "a blue square moving right"}
+EXAMPLES = {"image": "a big red circle in the middle", "video": "a blue square moving to the right"}
 # Samples of small models are shown at the output's size, and stay sharp.
 CSS = ("#image-output img, #video-output video { width: 100%; height: 100%; object-fit: contain; "
        "image-rendering: pixelated; }")

@@ -191,7 +191,7 @@ VIDEO_CKPT = ROOT / "ckpts/starflow-v_shapes_t2v_32x32.safetensors"
     (IMAGE_CKPT, ["--blocks", "2"], ["--blocks 2", "layers_per_block 2 2 6"]),
     (IMAGE_CKPT, ["--sos", "0"], ["--sos False", "sos True"]),
     (VIDEO_CKPT, ["--model_config_path", str(ROOT / "configs/starflow_shapes_t2i_32x32.yaml")],
-     ["starflow_shapes_t2i_32x32.yaml: txt_size 24", "txt_size 16"]),
+     ["starflow_shapes_t2i_32x32.yaml: txt_size 24", "txt_size 32"]),
 ])
 def test_a_checkpoint_is_authoritative_for_its_architecture(tmp_path, ckpt, extra, needles):
     """A flag or YAML key that contradicts the stored configuration is one line naming the key, both values and

@@ -22,7 +22,7 @@ from utils.model_setup import load_weights, setup_transformer, stored_metadata
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (captions sampled by the test: the grammar file's first lines, samples that must be right)
     "starflow_shapes_t2i_32x32": (make_captions(8, video=False, seed=0, split="train"), 6),  # plain English
-    "starflow-v_shapes_t2v_32x32": (make_captions(4, video=True, seed=0), 3),
+    "starflow-v_shapes_t2v_32x32": (make_captions(4, video=True, seed=0, split="train"), 3),
 }
 # What must be right: every attribute (for videos: colour, shape and the direction of motion).
 CHECKED = {"image": ("color", "shape", "size", "position"), "video": ("color", "shape", "direction")}
@@ -55,20 +55,23 @@ def test_shipped_yaml_builds_the_shipped_model(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_shipped_model_reads_whole_captions(name):
-    """Every caption of the grammar (and of the phrasings, for the image model), in the prompt wording the model was trained with (the fps sentence for a video
-    model), fits in the model's txt_size: a cut caption loses its last words (the direction of motion)."""
+    """Every caption of the grammar and of the phrasings, in the prompt wording the model was trained with (the fps
+    sentence for a video model), fits in the model's txt_size: a cut caption loses its last words (the direction of
+    motion)."""
     from utils.text import TextEncoder, preprocess_text
 
     stored = stored_metadata(ROOT / "ckpts" / f"{name}.safetensors")
     run_flags = stored["run"]
     frames, fps = parse_vid_size(run_flags.get("vid_size"))
     fps = fps if run_flags.get("fps_cond") else None
-    if frames > 1:
+    video = frames > 1
+    if video:
         captions = [shape_caption(c, s, "small", direction=d)  # a video caption does not name the size
                     for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS)]
-    else:  # the grammar, and the phrasings it was trained on and evaluated with
+    else:
         captions = [shape_caption(c, s, z, p) for c, s, z, p in itertools.product(COLORS, SHAPES, SIZES, POSITIONS)]
-        captions += make_captions(1500, False, seed=0, split="train") + make_captions(1500, False, 0, "heldout")
+    # the phrasings it was trained on and evaluated with
+    captions += make_captions(1500, video, seed=0, split="train") + make_captions(1500, video, 0, "heldout")
     tokenizer = TextEncoder.from_pretrained(run_flags["text"], run_flags["txt_size"]).tokenizer
     longest = max(len(ids) for ids in tokenizer(preprocess_text(captions, fps=fps))["input_ids"])
     assert longest <= stored["config"]["txt_size"], (longest, stored["config"]["txt_size"])
@@ -122,15 +125,20 @@ def test_demo_script(tmp_path):
 @pytest.mark.parametrize("name", MODELS)
 def test_shipped_decoding_plan_loads_and_held_its_tolerance(name):
     """The bundled models carry CPU decoding plans (ckpts/<name>.decoding.json) whose measured errors met their
-    tolerance and whose times beat sequential decoding when they were calibrated."""
+    tolerance; a plan with Jacobi windows beat sequential decoding when it was calibrated, and one where no block's
+    Jacobi setting did (the video model at batch 16) is sequential decoding, exact.  At least one plan uses Jacobi."""
     from utils.decoding import load_plans, plan_path
 
     ckpt = ROOT / "ckpts" / f"{name}.safetensors"
     plans = load_plans(ckpt, "cpu", len(stored_metadata(ckpt)["config"]["layers_per_block"]))
-    assert plans and all(any(d.window > 1 for d in plan) for plan in plans.values())
-    for entry in json.loads(plan_path(ckpt).read_text())["plans"]["cpu"].values():
+    assert plans and any(d.window > 1 for plan in plans.values() for d in plan)
+    for batch, entry in json.loads(plan_path(ckpt).read_text())["plans"]["cpu"].items():
         measured = entry["measured"]
-        assert measured["error"] <= measured["tolerance"] and measured["plan_s"] < measured["sequential_s"]
+        assert measured["error"] <= measured["tolerance"], batch
+        if any(d.window > 1 for d in plans[int(batch)]):
+            assert measured["plan_s"] < measured["sequential_s"], batch
+        else:
+            assert measured["error"] == 0, batch
 
 
 @pytest.mark.slow

@@ -15,13 +15,16 @@ import numpy as np
 
 COLOR_WORDS = {"red": ["red", "crimson", "ruby", "cherry red", "bright red", "tomato red"],
                "green": ["green", "emerald", "grass green", "jade", "lime green", "forest green"],
-               "blue": ["blue", "azure", "cobalt", "sapphire", "royal blue", "sky blue"],
+               "blue": ["blue", "azure", "cobalt", "sapphire", "royal blue", "sky blue", "dark blue"],
                "yellow": ["yellow", "golden", "lemon", "canary yellow", "sunny yellow", "mustard"],
-               "purple": ["purple", "magenta", "plum", "lilac", "amethyst", "mauve"],
+               "purple": ["purple", "magenta", "plum", "lilac", "amethyst", "mauve", "lavender"],
                "orange": ["orange", "amber", "tangerine", "pumpkin orange", "apricot", "bright orange"]}
-SHAPE_WORDS = {"circle": ["circle", "ball", "dot", "round blob", "sphere", "orb", "round shape"],
-               "square": ["square", "box", "block", "tile", "square shape", "boxy shape"],
-               "triangle": ["triangle", "wedge", "pyramid", "triangular shape", "arrowhead"]}
+SHAPE_WORDS = {"circle": ["circle", "ball", "dot", "round blob", "sphere", "orb", "round shape", "coin",
+                          "bubble", "circular shape"],
+               "square": ["square", "box", "block", "tile", "square shape", "boxy shape", "crate",
+                          "dice", "cuboid", "square block"],
+               "triangle": ["triangle", "wedge", "pyramid", "triangular shape", "arrowhead", "cone",
+                            "triangular block"]}
 SIZE_WORDS = {"small": ["small", "little", "mini", "petite", "smallish"],
               "large": ["large", "big", "giant", "massive", "oversized"]}
 POSITION_WORDS = {"left": ["left", "on the left", "to the left", "at the left side", "on the left-hand side",
@@ -36,13 +39,17 @@ POSITION_WORDS = {"left": ["left", "on the left", "to the left", "at the left si
                   "center": ["center", "in the center", "in the middle", "at the centre", "in the very middle",
                              "in the middle of the picture", "at the center of the image", "in the central area"]}
 DIRECTION_WORDS = {"left": ["moving left", "going left", "heading to the left", "moving leftwards", "sliding left",
-                            "travelling left", "gliding to the left", "moving to the left"],
+                            "travelling left", "gliding to the left", "moving to the left",
+                            "moving from right to left", "travelling from the right to the left"],
                    "right": ["moving right", "going right", "heading to the right", "moving rightwards",
-                             "sliding right", "travelling right", "gliding to the right", "moving to the right"],
+                             "sliding right", "travelling right", "gliding to the right", "moving to the right",
+                             "moving from left to right", "going from the left to the right"],
                    "up": ["moving up", "going up", "rising", "moving upwards", "heading up", "floating up",
-                          "travelling upward", "ascending"],
+                          "travelling upward", "ascending", "moving from bottom to top",
+                          "going from the bottom to the top"],
                    "down": ["moving down", "going down", "falling", "moving downwards", "heading down",
-                            "dropping", "travelling downward", "descending"]}
+                            "dropping", "travelling downward", "descending", "moving from top to bottom",
+                            "falling from the top to the bottom"]}
 # Words only the held-out phrasings use.
 HELD_OUT_WORDS = {"color": {"red": ["scarlet"], "purple": ["violet"], "blue": ["navy blue"]},
                   "shape": {"circle": ["disc"], "square": ["cube"]},
