@@ -20,8 +20,8 @@ from utils.config import GROUPS, build_parser, parse_config
 from utils.model_setup import load_weights, setup_transformer, stored_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {  # name -> (captions sampled by the test: the grammar file's first lines, samples that must be right)
-    "starflow_shapes_t2i_32x32": (make_captions(8, video=False, seed=0, split="train"), 6),  # plain English
+MODELS = {  # name -> (captions sampled by the test: training phrasings, plain English; samples that must be right)
+    "starflow_shapes_t2i_32x32": (make_captions(8, video=False, seed=0, split="train"), 6),
     "starflow-v_shapes_t2v_32x32": (make_captions(4, video=True, seed=0, split="train"), 3),
 }
 # What must be right: every attribute (for videos: colour, shape and the direction of motion).
