@@ -820,14 +820,16 @@ class Model(nn.Module):
             logdets.append(logdet)
         return self.unpatchify(x), y_out, outputs, logdets
 
-    def nll_given_context(self, x, y, context: int) -> torch.Tensor:
+    def nll_given_context(self, x, y, context: int, features: torch.Tensor | None = None) -> torch.Tensor:
         """The negative log-likelihood (nats, summed over the batch and dimensions, without the 0.5 log 2 pi
         constant) of video latents x (B, T, C, H, W) after their first `context` frames, given those frames and
         text y (B, Ly, txt_dim).  The context runs without autograd: it only fills each block's KV cache, and every
         network pass of the later frames attends to it.  In a temporally causal model (`temporal_causal`: every
         block keeps time order) no earlier frame's terms depend on a later frame, so the gradient of this with
         respect to x[:, context:] is that of the whole clip's NLL (`forward` + `get_loss`): the self-denoising
-        window's new frames get their Tweedie step at the cost of those frames alone (issue "long videos")."""
+        window's new frames get their Tweedie step at the cost of those frames alone (issue "long videos").
+        `features` (B, context, h, w, C): `frame_features` of the context frames, which then skip the shallow
+        blocks (a sliding window computes each frame's once, not once per window that keeps it)."""
         if not self.config.temporal_causal or x.dim() != 5:
             raise ValueError("nll_given_context needs video latents (B, T, C, H, W) of a temporally causal model")
         if not 0 < context < x.size(1):
@@ -835,17 +837,41 @@ class Model(nn.Module):
         self._check_inputs(x, y, 0.0)
         x = self.patchify(x)
         past, new, total = x[:, :context].detach(), x[:, context:], 0.0
+        if features is not None:
+            if not self.frame_local_shallow or features.shape != past.shape:
+                raise ValueError(f"features {tuple(features.shape)}: frame_features of the {context} context frames "
+                                 f"{tuple(past.shape)}, of a model whose shallow blocks see one frame at a time")
+            past = features
         for i, block in enumerate(self.blocks):
             deep = i == len(self.blocks) - 1
             local = not deep and self._local(block, x)[0]
             if local or isinstance(block, IdentityBlock):  # frame by frame: the context plays no part
-                with torch.no_grad():
-                    past = self._frames(block, past, y, local)[0]
+                if features is None:
+                    with torch.no_grad():
+                        past = self._frames(block, past, y, local)[0]
                 new, logdet = self._frames(block, new, y, local)
             else:
                 past, new, logdet = self._continue(block, past, new, y)
             total = total - logdet.sum()
         return total + 0.5 * new.float().pow(2).sum()
+
+    @property
+    def frame_local_shallow(self) -> bool:
+        """Whether every shallow block sees each video frame on its own (shallow_block_local, or no layers)."""
+        return all(isinstance(b, IdentityBlock) or self.config.shallow_block_local for b in self.blocks[:-1])
+
+    @torch.no_grad()
+    def frame_features(self, x, y) -> torch.Tensor:
+        """What the deep block reads of video latents x (B, T, C, H, W): x patchified, (B, T, h, w, C), through the
+        shallow blocks, which must see one frame at a time (`frame_local_shallow`; else ValueError), so that each
+        frame's features are its own.  For `nll_given_context`'s `features`."""
+        if not self.frame_local_shallow or x.dim() != 5:
+            raise ValueError("frame_features needs video latents of a model whose shallow blocks see one frame at "
+                             "a time (shallow_block_local)")
+        h = self.patchify(x)
+        for block in self.blocks[:-1]:
+            h = self._frames(block, h, y, self._local(block, h)[0])[0]
+        return h
 
     def _frames(self, block, x, y, local):
         """Block `block` over frames x (B, T, h, w, C) each on its own (or, for an IdentityBlock, as they are)."""

@@ -161,7 +161,8 @@ FLOW_SCORE_VIDEO = dict(VIDEO, learnable_self_denoiser=0, conditional_denoiser=0
 def test_windowed_self_denoising_equals_the_official_windows(cfg):
     """Self-denoising a long video in windows: each window after the first runs only its new frames with autograd
     (Model.nll_given_context), and gives what the official process_denoising gives, a full Tweedie step of the
-    window (flow_score_step) keeping its new frames; with overlap 2 and 1 (one and two new frames per window)."""
+    window (flow_score_step) keeping its new frames; with overlap 2 and 1 (one and two new frames per window: those
+    windows take 3 and 1 mini-batches of samples at once, 7 samples making an uneven last group)."""
     from utils.inference import denoise, flow_score_step
 
     model = tiny_model(**cfg)
@@ -182,6 +183,12 @@ def test_windowed_self_denoising_equals_the_official_windows(cfg):
     model.nll_given_context(part, y, 2).backward()
     torch.testing.assert_close(part.grad[:, 2:], whole.grad[:, 2:], atol=1e-5, rtol=1e-5)
     assert part.grad[:, :2].abs().max() == 0  # the context runs without autograd
+    if model.frame_local_shallow:  # the context's shallow blocks computed once per frame: the same likelihood
+        torch.testing.assert_close(model.nll_given_context(x[:, :3], y, 2, model.frame_features(x[:, :2], y)),
+                                   model.nll_given_context(x[:, :3], y, 2))
+    else:
+        with pytest.raises(ValueError, match="one frame at a time"):
+            model.frame_features(x, y)
     with pytest.raises(ValueError, match="temporally causal"):
         tiny_model(**dict(FLOW_SCORE_VIDEO, temporal_causal=0)).nll_given_context(x, y, 2)
 
