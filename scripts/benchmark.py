@@ -49,6 +49,9 @@ def import_official(path: Path):
     sys.path.insert(0, str(path))
     try:
         module = importlib.import_module("transformer_flow")
+    except ModuleNotFoundError as err:  # the official code's own requirements (einops, ...), not ours
+        sys.exit(f"error: --official {path}: its code needs the module {err.name!r}, which is not installed here "
+                 f"(pip install {err.name})")
     finally:
         sys.path.remove(str(path))
         for k in [k for k in sys.modules if k.split(".")[0] in SHARED_MODULES]:

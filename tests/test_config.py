@@ -299,3 +299,14 @@ def test_a_device_this_machine_lacks_is_one_line(entry, tmp_path):
         code, stderr = cli_error(module.main, ["--device", device])
         assert code == 2 and needle in stderr and "Traceback" not in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_an_official_checkout_missing_a_requirement_is_one_line(tmp_path):
+    """benchmark --official: a checkout whose code imports a module this environment lacks (einops, on a fresh
+    machine) stops in one line naming the module, where it used to end in the import's traceback."""
+    from scripts import benchmark
+
+    (tmp_path / "transformer_flow.py").write_text("import a_module_nobody_installed\n")
+    code, stderr = cli_error(benchmark.main, ["--official", str(tmp_path), "--calibrate"])
+    assert "'a_module_nobody_installed'" in stderr and "pip install" in stderr and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
