@@ -256,10 +256,8 @@ class Attention(nn.Module):
         self.use_qk_norm = use_qk_norm
         self.post_norm = RMSNorm(channels) if use_post_norm else None
 
-    def forward(self, x, rope, cache=None, layer=0, causal=True, mask=None, temp=1.0, slots=None):
-        """x: (B, L, C) tokens at cache slots [len(cache), len(cache) + L), or at `slots`; rope: their
-        `rope_rotation`.  A causal call over a non-empty cache needs the prefix-causal `mask` (see
-        `Transformer.run`)."""
+    def project(self, x, rope):
+        """x: (B, L, C) -> q (B, heads, L, d) and k, v (B, kv_heads, L, d), normalised and rotated."""
         B, L, _ = x.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv(self.norm(x)).split([(H + G) * d, G * d], -1)
@@ -268,7 +266,14 @@ class Attention(nn.Module):
             qk = torch.cat([self.query_norm(qk[:, :, :H]), self.key_norm(qk[:, :, H:])], dim=2)
         if rope is not None:  # q and k rotated together, by their slots
             qk = apply_rope(qk, rope)
-        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, rope, cache=None, layer=0, causal=True, mask=None, temp=1.0, slots=None):
+        """x: (B, L, C) tokens at cache slots [len(cache), len(cache) + L), or at `slots`; rope: their
+        `rope_rotation`.  A causal call over a non-empty cache needs the prefix-causal `mask` (see
+        `Transformer.run`)."""
+        B, L, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v, slots)
         q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
@@ -357,12 +362,14 @@ class Transformer(nn.Module):
         self.ckpt = [(bool(every_attn) and (i + 1) % every_attn == 0, bool(every_mlp) and (i + 1) % every_mlp == 0)
                      for i in range(num_layers)]
 
-    def run(self, x, y, rope, cache=None, causal=True, mask=None, temp=1.0, slots=None):
+    def run(self, x, y, rope, cache=None, causal=True, mask=None, temp=1.0, slots=None, kv_only=False):
         """x: (B, L, Cin) input tokens, y: (B, Ly, txt_dim) text or None, placed first; rope: (cos, sin) tables of
         every cache slot.  Returns the hidden states (B, L, C) of x and (B, Ly, C) of y, final-normed; with a cache,
         their K/V are appended to it, or, with `slots` (B, L) of cache positions on the CPU and no text, written
         there row by row, each query attending to the slots up to its own (or `Slots` already on the device, whose
-        `end` is the number of cache slots read: no host synchronisation, as a CUDA graph needs)."""
+        `end` is the number of cache slots read: no host synchronisation, as a CUDA graph needs).  `kv_only` (with
+        a cache) only fills it: the last layer stops at its K/V, as nothing reads its outputs (a refilled context),
+        and the return is None; the cache holds the same values as after a full call."""
         h = self.proj_in(x.to(self.proj_in.weight.dtype))
         n_txt = 0
         if y is not None:
@@ -384,11 +391,18 @@ class Transformer(nn.Module):
                 rope = rope_rotation(rope[0][table], rope[1][table], self.hf_style_rope)
             mask = attention_bias((torch.arange(slots.end, device=h.device) <= slots.index[..., None]).unsqueeze(1),
                                   h.dtype)  # (B, 1, L, end)
+        if kv_only and cache is None:
+            raise ValueError("kv_only fills a KV cache: pass one")
         for i, layer in enumerate(self.attn_blocks):
+            if kv_only and i == len(self.attn_blocks) - 1:
+                cache.update(i, *layer.attention.project(h, rope)[1:], slots)
+                break
             ckpt_attn, ckpt_mlp = self.ckpt[i] if self.training else (False, False)
             h = layer(h, rope, cache, i, causal, mask, temp, ckpt_attn, ckpt_mlp, slots)
         if cache is not None:
             cache.length = max(cache.length, slots.end) if slots is not None else cache.length + h.size(1)
+        if kv_only:
+            return None
         h = self.final_norm(h)
         return h[:, n_txt:], h[:, :n_txt]
 
@@ -577,7 +591,7 @@ class MetaBlock(Transformer):
         else:
             cache.truncate(0)
             if y is not None:
-                self.run(xs[:, :0], y, rope, cache, temp=temp)
+                self.run(xs[:, :0], y, rope, cache, temp=temp, kv_only=True)
         window = self.local_attn_window * frame if self.local_attn_window else None
         target = min(n_slots, window) if window else n_slots
         cache.reserve(n_txt + target + pad, self.proj_in.weight.dtype)
@@ -640,10 +654,9 @@ class MetaBlock(Transformer):
             context = context_length * frame
             target = min(target + window - context, n_slots)
             origin = int(start[0]) - context
-            cache.truncate(0)
-            if y is not None:
-                self.run(xs[:, :0], y, rope, cache, temp=temp)
-            self.run(torch.cat([xs[:, :1], xs[:, origin + 1:int(start[0])]], dim=1), None, rope, cache, temp=temp)
+            cache.truncate(n_txt)  # the text's K/V stay: it attends to itself alone, at the same slots
+            self.run(torch.cat([xs[:, :1], xs[:, origin + 1:int(start[0])]], dim=1), None, rope, cache, temp=temp,
+                     kv_only=True)
         bar.close()
         return xs[:, 1:N + 1] if self.use_sos else xs[:, :N]
 
@@ -851,7 +864,7 @@ class Model(nn.Module):
                         past = self._frames(block, past, y, local)[0]
                 new, logdet = self._frames(block, new, y, local)
             else:
-                past, new, logdet = self._continue(block, past, new, y)
+                past, new, logdet = self._continue(block, past, new, y, need_past=not deep)
             total = total - logdet.sum()
         return total + 0.5 * new.float().pow(2).sum()
 
@@ -880,25 +893,34 @@ class Model(nn.Module):
         out, _, logdet = block(h, y, rope)
         return out.view_as(x), logdet
 
-    def _continue(self, block, past, new, y):
+    def _continue(self, block, past, new, y, need_past=True):
         """A time-ordered block over frames `past` (without autograd, into a KV cache), then `new` after them:
-        (past output, new output, new log-determinant)."""
+        (past output, or None unless `need_past`, new output, new log-determinant)."""
         whole = (new.size(0), past.size(1) + new.size(1), *new.shape[2:])
         rope = self.rope_tables(whole, self._text_len(block, y), new.device)
         s_past, s_new, cache = block.to_seq(past), block.to_seq(new), KVCache()
         y = y if block.txt_dim else None
         with torch.no_grad():
-            h_past = block.run(block._shift(s_past), y, rope, cache)[0]
-            mu, sigma = block.params(h_past if block.use_sos else F.pad(h_past, (0, 0, 1, 0))[:, :-1])
-            if not block.use_sos:
-                mu[:, 0], sigma[:, 0] = 0, 1
-            z_past = block.from_seq((s_past.float() - mu) / sigma, past.shape).to(h_past.dtype)
+            if block.use_sos and not need_past:  # only the context's K/V are read
+                block.run(block._shift(s_past), y, rope, cache, kv_only=True)
+                z_past = None
+            else:
+                z_past, h_past = self._past_output(block, s_past, past.shape, y, rope, cache)
         if block.use_sos:  # each token's input is its predecessor: the first new token's is the last past one
             h = block.run(torch.cat([s_past[:, -1:], s_new[:, :-1]], 1), None, rope, cache)[0]
         else:  # each token's parameters come from its predecessor's output
             h = torch.cat([h_past[:, -1:], block.run(s_new, None, rope, cache)[0][:, :-1]], 1)
         mu, sigma = block.params(h)
         return z_past, block.from_seq((s_new.float() - mu) / sigma, new.shape).to(h.dtype), -sigma.log()
+
+    @staticmethod
+    def _past_output(block, s_past, shape, y, rope, cache):
+        """`_continue`'s context: its output latents (shape) and hidden states, filling the cache."""
+        h_past = block.run(block._shift(s_past), y, rope, cache)[0]
+        mu, sigma = block.params(h_past if block.use_sos else F.pad(h_past, (0, 0, 1, 0))[:, :-1])
+        if not block.use_sos:
+            mu[:, 0], sigma[:, 0] = 0, 1
+        return block.from_seq((s_past.float() - mu) / sigma, shape).to(h_past.dtype), h_past
 
     @staticmethod
     def get_loss(z, logdets, weights=None, context=None) -> dict[str, torch.Tensor]:

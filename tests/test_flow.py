@@ -152,6 +152,39 @@ def test_windowed_jacobi_equals_windowed_sequential(sweeps):
         model.reverse(z, y, guidance=1.5)
 
 
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_windowed_decoding_equals_each_window_afresh(guidance):
+    """The official sliding window: past the first window, each frame is decoded as the last frame of a fresh clip
+    of its `context_length` predecessors (given) and itself, at the positions of that clip.  The refilled KV cache
+    (text kept, context K/V only) must give what a fresh prefilled decode of that clip gives."""
+    model = tiny_model(**dict(VIDEO, local_attn_window=2))
+    z, y = inputs((5, 4, 4, 4), guided=guidance > 0)
+    seq = model.reverse(z, y, guidance=guidance, jacobi=False, context_length=1)
+    for t in range(2, 5):
+        fresh = model.reverse(z[:, t - 1:t + 1], y, guidance=guidance, jacobi=False, context_length=1,
+                              kv_caches=model.prefill(seq[:, t - 1:t], y))
+        torch.testing.assert_close(fresh[:, 1], seq[:, t], atol=1e-4, rtol=0)
+
+
+def test_kv_only_run_fills_the_same_cache():
+    """Transformer.run(kv_only=True) skips the last layer's attention output and MLP: the cache must hold exactly
+    what a full call leaves there, text rows included."""
+    model = tiny_model(**VIDEO)
+    block = model.blocks[-1]
+    x, y = inputs(VIDEO_SHAPE)
+    s = block.to_seq(model.patchify(x))
+    rope = model.rope_tables(model.patchify(x).shape, y.size(1), x.device)
+    full, only = KVCache(), KVCache()
+    with torch.no_grad():
+        block.run(s, y, rope, full)
+        assert block.run(s, y, rope, only, kv_only=True) is None
+    assert len(only) == len(full) and len(only.keys) == len(full.keys) == len(block.attn_blocks)
+    for a, b in zip(full.keys + full.values, only.keys + only.values):
+        assert torch.equal(a[:, :, :len(full)], b[:, :, :len(only)])
+    with pytest.raises(ValueError, match="kv_only"):
+        block.run(s, y, rope, None, kv_only=True)
+
+
 FLOW_SCORE_VIDEO = dict(VIDEO, learnable_self_denoiser=0, conditional_denoiser=0, denoiser_window=None)
 
 
