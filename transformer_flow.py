@@ -901,26 +901,20 @@ class Model(nn.Module):
         s_past, s_new, cache = block.to_seq(past), block.to_seq(new), KVCache()
         y = y if block.txt_dim else None
         with torch.no_grad():
-            if block.use_sos and not need_past:  # only the context's K/V are read
-                block.run(block._shift(s_past), y, rope, cache, kv_only=True)
-                z_past = None
-            else:
-                z_past, h_past = self._past_output(block, s_past, past.shape, y, rope, cache)
+            kv_only = block.use_sos and not need_past  # only the context's K/V are read
+            h_past = block.run(block._shift(s_past), y, rope, cache, kv_only=kv_only)
+            h_past, z_past = None if kv_only else h_past[0], None
+            if need_past:
+                mu, sigma = block.params(h_past if block.use_sos else F.pad(h_past, (0, 0, 1, 0))[:, :-1])
+                if not block.use_sos:
+                    mu[:, 0], sigma[:, 0] = 0, 1
+                z_past = block.from_seq((s_past.float() - mu) / sigma, past.shape).to(h_past.dtype)
         if block.use_sos:  # each token's input is its predecessor: the first new token's is the last past one
             h = block.run(torch.cat([s_past[:, -1:], s_new[:, :-1]], 1), None, rope, cache)[0]
         else:  # each token's parameters come from its predecessor's output
             h = torch.cat([h_past[:, -1:], block.run(s_new, None, rope, cache)[0][:, :-1]], 1)
         mu, sigma = block.params(h)
         return z_past, block.from_seq((s_new.float() - mu) / sigma, new.shape).to(h.dtype), -sigma.log()
-
-    @staticmethod
-    def _past_output(block, s_past, shape, y, rope, cache):
-        """`_continue`'s context: its output latents (shape) and hidden states, filling the cache."""
-        h_past = block.run(block._shift(s_past), y, rope, cache)[0]
-        mu, sigma = block.params(h_past if block.use_sos else F.pad(h_past, (0, 0, 1, 0))[:, :-1])
-        if not block.use_sos:
-            mu[:, 0], sigma[:, 0] = 0, 1
-        return block.from_seq((s_past.float() - mu) / sigma, shape).to(h_past.dtype), h_past
 
     @staticmethod
     def get_loss(z, logdets, weights=None, context=None) -> dict[str, torch.Tensor]:
