@@ -164,17 +164,23 @@ class ShapesDataset:
     other way after a bounce, and only their last frame is to be scored, given the others (`context`): what a
     sliding window samples after its first window, without teaching a first window that heads against its caption.
 
+    `from_to` (videos, phrasing "train"): the share of captions whose direction says where the motion starts and
+    ends (utils.phrasing.phrase); None draws every wording alike.
+
     A horizontal flip would swap "left" and "right" in the captions, so these samples are never flipped.
     """
     flippable = False
 
     def __init__(self, size: int, img_size: int = 32, frames: int = 1, fps: int = 8, seed: int = 0,
-                 phrasing: str = "grammar", motion: str = "cross", continuation: float = 0.0):
+                 phrasing: str = "grammar", motion: str = "cross", continuation: float = 0.0,
+                 from_to: float | None = None):
         if continuation and (frames < 2 or motion != "bounce"):
             raise ValueError(f"continuation {continuation}: only for bouncing videos (motion 'bounce', frames > 1)")
         if not 0 <= continuation <= 1:
             raise ValueError(f"continuation {continuation}: a probability in [0, 1]")
-        self.continuation = continuation
+        if from_to is not None and (frames < 2 or phrasing != "train" or not 0 <= from_to <= 1):
+            raise ValueError(f"from_to {from_to}: a probability in [0, 1], for videos with phrasing 'train'")
+        self.continuation, self.from_to = continuation, from_to
         self.size, self.img_size, self.frames, self.fps, self.seed = size, img_size, frames, fps, seed
         self.phrasing = phrasing  # utils.phrasing.phrase: "grammar", or "train" for a wording drawn per epoch
         self.motion = motion  # of videos (render_shape): "cross" the frame once, "wrap" around it, or "bounce"
@@ -205,7 +211,8 @@ class ShapesDataset:
     def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str, int]:
         attrs = self.attributes(index)
         pixels = render_shape(**attrs, img_size=self.img_size, frames=self.frames, motion=self.motion)
-        caption = shape_caption(**attrs) if self.phrasing == "grammar" else phrase(attrs, rng, self.phrasing)
+        caption = shape_caption(**attrs) if self.phrasing == "grammar" else \
+            phrase(attrs, rng, self.phrasing, self.from_to)
         return pixels, caption, self.fps if self.frames > 1 else 0
 
 
@@ -610,7 +617,8 @@ def build_loader(args, rank: int = 0, world_size: int = 1, multiple: int = 8, nu
 
     if args.dataset == "shapes":
         source = ShapesDataset(args.epoch_length, args.img_size, frames, fps or 8, phrasing=args.shapes_phrasing,
-                               motion=args.shapes_motion, continuation=args.shapes_continuation)
+                               motion=args.shapes_motion, continuation=args.shapes_continuation,
+                               from_to=args.shapes_from_to)
     elif args.dataset == "folder":
         source = FolderDataset(args.data, frames, fps)
     else:

@@ -219,6 +219,10 @@ def build(args, procs):
         raise ConfigError(f"--shapes_continuation {args.shapes_continuation} scores a clip's last frame given the "
                           "others: it needs --temporal_causal, a frame-by-frame VAE and no --learnable_self_denoiser "
                           "(whose target is the whole clip's score)")
+    if args.shapes_from_to is not None and (args.dataset != "shapes" or not args.vid_size
+                                            or args.shapes_phrasing != "train"):
+        raise ConfigError(f"--shapes_from_to {args.shapes_from_to}: a share of the wordings of a direction, for "
+                          "shapes videos (--vid_size) with --shapes_phrasing train")
     loader = build_loader(args, procs.rank, procs.world_size, factor * args.patch_size, args.num_workers)
     return text, vae, model, loader
 

@@ -30,7 +30,8 @@ from utils import phrasing
 IMAGE_ATTRS = ("color", "shape", "size", "position")
 VIDEO_ATTRS = ("color", "shape", "direction")
 INK = 60  # a pixel is foreground when some channel is this far below white
-SQUARE_FILL, TRIANGLE_FILL = 0.9, 0.66  # bounding-box fill: square 1.0, circle ~0.79, triangle ~0.55
+SQUARE_FILL = 0.84  # share of the bounding box covered (coverage_shape): square 0.87-0.99, circle 0.66-0.80
+TRIANGLE_LOW = 0.07  # centroid below the middle, in heights (coverage_shape): triangle 0.11-0.16, others under 0.03
 CENTER_RADIUS = 2.5  # in 32-px units: centred shapes sit within 2 px of the middle, the others at least 3 px off
 MIN_SPEED = 1.0  # pixels per frame at 32 px: slower is not a motion (the shapes move 3 or ~4.5 px per frame)
 WALL = 6.0  # pixels at 32 px: a shape this close to a border may bounce off it (it turns 1 to 4 px from it)
@@ -129,6 +130,24 @@ def shape_mask(pixels: np.ndarray, blob: np.ndarray | None = None) -> np.ndarray
     return largest_blob(blob & (amount > 0.5 * np.percentile(amount[blob], 90)))
 
 
+def coverage_shape(amount: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(fill, low) of a shape from each pixel's coverage: its ink (H, W) over the shape's full ink (the 90th
+    percentile over `mask`), within a pixel of the mask.  fill: the share of its bounding box it covers, the box's
+    width and height being the sums of the columns' and rows' largest coverage; low: how far its centroid sits below
+    the middle of its rows, in heights.  A shape whose edges fall between pixels (where a generated one may sit)
+    counts its edge pixels as the part it covers: a square fills 1.0 of its box wherever it sits (a thresholded mask
+    gives a 10-px square half a pixel off 100 of 110 pixels), a circle about 0.79; a triangle (apex up, as
+    dataset.render_shape draws it) has its centroid a sixth of its height low, circles and squares none."""
+    near = np.pad(mask, 1)
+    near = np.logical_or.reduce([near[1 + dy:near.shape[0] - 1 + dy, 1 + dx:near.shape[1] - 1 + dx]
+                                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    cover = np.where(near, np.clip(amount / np.percentile(amount[mask], 90), 0, 1), 0.0)
+    rows, ys = cover.max(1), np.arange(cover.shape[0])
+    fill = cover.sum() / (cover.max(0).sum() * rows.sum())
+    low = ((ys * cover.sum(1)).sum() / cover.sum() - (ys * rows).sum() / rows.sum()) / rows.sum()
+    return float(fill), float(low)
+
+
 def nearest_color(rgb: np.ndarray) -> str:
     """The named colour closest to `rgb`, or to any mix of it with white (a faded or blurred shape)."""
     def distance(name):
@@ -187,8 +206,8 @@ def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
     amount = ink(pixels)[mask]
     core = pixels[mask][amount >= np.median(amount)]  # the inner half: edges are mixed with the background
     color = nearest_color(np.median(core.astype(np.float64), axis=0))
-    fill = mask.sum() / (w * h)
-    shape = "square" if fill > SQUARE_FILL else "circle" if fill > TRIANGLE_FILL else "triangle"
+    fill, low = coverage_shape(ink(pixels), mask)
+    shape = "triangle" if low > TRIANGLE_LOW else "square" if fill > SQUARE_FILL else "circle"
     size = "large" if max(w, h) > unit * (_SIZE_PX["small"] + _SIZE_PX["large"]) / 2 else "small"
     # The bounding box's centre, not the centroid: a triangle's mass sits low in its box.
     cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2

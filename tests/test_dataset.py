@@ -36,7 +36,8 @@ RATIO_SIZES = [(64, 32), (32, 64), (32, 32)]  # (w, h): buckets 16:9, 9:16 and 1
 def config(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**dict(data=Path("unused"), dataset="shapes", img_size=32, vid_size=None,
                                         mix_aspect=0, no_flip=1, batch_size=4, epoch_length=32, train_seed=0,
-                                        shapes_phrasing="grammar", shapes_motion="cross", shapes_continuation=0.0),
+                                        shapes_phrasing="grammar", shapes_motion="cross", shapes_continuation=0.0,
+                                        shapes_from_to=None),
                                  **overrides})
 
 
@@ -254,6 +255,26 @@ def test_continuation_clips_are_later_windows_of_their_captions_motion_scored_on
     for bad in (dict(motion="wrap", continuation=0.5), dict(motion="bounce", continuation=1.5)):
         with pytest.raises(ValueError, match="continuation"):
             ShapesDataset(8, frames=4, **bad)
+
+
+def test_from_to_share_draws_wordings_that_name_both_ends():
+    """--shapes_from_to p: a share p of the video captions say the direction by where the motion starts and ends
+    ("from the bottom to the top"), and they read back as the direction drawn; None is the plain draw."""
+    from utils.phrasing import parse_caption
+
+    share = {}
+    for p in (0.0, 0.5, 1.0, None):
+        data = ShapesDataset(400, frames=4, fps=4, seed=3, motion="bounce", phrasing="train", from_to=p)
+        captions = [data.load(i, np.random.default_rng([9, i]))[1] for i in range(len(data))]
+        for i, caption in enumerate(captions):
+            assert parse_caption(caption)["direction"] == data.attributes(i)["direction"], caption
+        share[p] = np.mean([" from " in c for c in captions])
+    assert share[0.0] == 0 and share[1.0] == 1 and 0.4 < share[0.5] < 0.6 and 0.12 < share[None] < 0.28, share
+    for bad in (dict(frames=1, phrasing="train"), dict(frames=4, phrasing="grammar"), dict(frames=4, phrasing="train",
+                                                                                         from_to_value=1.5)):
+        value = bad.pop("from_to_value", 0.5)
+        with pytest.raises(ValueError, match="from_to"):
+            ShapesDataset(8, **bad, from_to=value)
 
 
 def test_shape_videos_move_in_the_named_direction():

@@ -254,6 +254,9 @@ def test_continuation_clips_are_scored_after_their_context(tmp_path, monkeypatch
     assert out["skipped"] == 0 and math.isfinite(out["loss"])
     code, err = cli_error(train.main, [*TINY, "--logdir", str(tmp_path / "image"), "--shapes_continuation", "0.5"])
     assert code != 0 and err.strip().splitlines()[-1].startswith("error: --shapes_continuation 0.5 scores")
+    code, err = cli_error(train.main, [*TINY, "--logdir", str(tmp_path / "image"), "--shapes_from_to", "0.5"])
+    assert code != 0 and err.strip().splitlines()[-1].startswith("error: --shapes_from_to 0.5: a share"), err
+    assert not (tmp_path / "image").exists() or not any((tmp_path / "image").iterdir())
 
 
 def test_half_precision_export_halves_the_file_and_loads_back(tmp_path):

@@ -84,9 +84,12 @@ VIDEO_TEMPLATES = {
 SPLITS = ("grammar", "train", "heldout")
 
 
-def phrase(attrs: dict, rng: np.random.Generator, split: str = "train") -> str:
+def phrase(attrs: dict, rng: np.random.Generator, split: str = "train", from_to: float | None = None) -> str:
     """One wording of `attrs` (color, shape, size, and position or direction): "grammar" is the strict grammar
-    (dataset.shape_caption), "train" a training phrasing, "heldout" an evaluation-only one."""
+    (dataset.shape_caption), "train" a training phrasing, "heldout" an evaluation-only one.  `from_to` (training
+    phrasings of videos): the share of captions whose direction names where the motion starts and ends ("from the
+    bottom to the top", whose words alone, without their order, say nothing); None draws every wording of a
+    direction alike (2 in 10 of them), the same stream as before the option."""
     video = attrs.get("direction") is not None
     if split == "grammar":
         return f"a {attrs['color']} {attrs['shape']} moving {attrs['direction']}" if video else \
@@ -98,7 +101,11 @@ def phrase(attrs: dict, rng: np.random.Generator, split: str = "train") -> str:
     words = dict(color=pick("color", COLOR_WORDS, attrs["color"]), shape=pick("shape", SHAPE_WORDS, attrs["shape"]),
                  size=pick("size", SIZE_WORDS, attrs["size"]))
     if video:
-        words["moving"] = pick("direction", DIRECTION_WORDS, attrs["direction"])
+        if from_to is None:
+            words["moving"] = pick("direction", DIRECTION_WORDS, attrs["direction"])
+        else:
+            ends = rng.random() < from_to
+            words["moving"] = _pick(rng, [w for w in DIRECTION_WORDS[attrs["direction"]] if (" from " in w) == ends])
         template = _pick(rng, VIDEO_TEMPLATES[split])
     else:
         words["position"] = attrs["position"]
