@@ -902,8 +902,8 @@ class Model(nn.Module):
         y = y if block.txt_dim else None
         with torch.no_grad():
             kv_only = block.use_sos and not need_past  # only the context's K/V are read
-            h_past = block.run(block._shift(s_past), y, rope, cache, kv_only=kv_only)
-            h_past, z_past = None if kv_only else h_past[0], None
+            out = block.run(block._shift(s_past), y, rope, cache, kv_only=kv_only)  # None with kv_only
+            h_past, z_past = None if kv_only else out[0], None
             if need_past:
                 mu, sigma = block.params(h_past if block.use_sos else F.pad(h_past, (0, 0, 1, 0))[:, :-1])
                 if not block.use_sos:

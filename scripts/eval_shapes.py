@@ -188,7 +188,8 @@ def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
     """Attributes of the shape in one image (H, W, 3) uint8: color, shape, size, position, its centre (x, y) and
     extent (width, height) in pixels. Every value is None when the image holds no shape.  A shape cut by the edges (a wrapping video) is
     measured whole (wrap_shift); its centre is given back in the frame's coordinates."""
-    inked = ink(pixels) > INK
+    amount = ink(pixels)
+    inked = amount > INK
     blob = largest_blob(inked)  # shared by the wrap test and the mask: the blob search is the slow part
     dy, dx = wrap_shift(inked, blob) if wrap else (0, 0)
     if dy or dx:
@@ -203,10 +204,10 @@ def measure_image(pixels: np.ndarray, wrap: bool = True) -> dict:
     side, unit = pixels.shape[1], pixels.shape[1] / 32
     ys, xs = np.nonzero(mask)
     w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-    amount = ink(pixels)[mask]
-    core = pixels[mask][amount >= np.median(amount)]  # the inner half: edges are mixed with the background
+    inner = amount[mask]
+    core = pixels[mask][inner >= np.median(inner)]  # the inner half: edges are mixed with the background
     color = nearest_color(np.median(core.astype(np.float64), axis=0))
-    fill, low = coverage_shape(ink(pixels), mask)
+    fill, low = coverage_shape(amount, mask)
     shape = "triangle" if low > TRIANGLE_LOW else "square" if fill > SQUARE_FILL else "circle"
     size = "large" if max(w, h) > unit * (_SIZE_PX["small"] + _SIZE_PX["large"]) / 2 else "small"
     # The bounding box's centre, not the centroid: a triangle's mass sits low in its box.
