@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from utils.config import ASPECT_RATIOS, one_line
 from utils.files import IMAGE_EXTS, decode_text, image_size, read_caption_table, read_image, read_text
-from utils.phrasing import phrase
+from utils.phrasing import phrase, says_start
 
 VIDEO_EXTS = (".mp4",)
 
@@ -75,6 +75,7 @@ MOTIONS = ("cross", "wrap", "bounce")  # of videos: see render_shape
 WRAP_SPEED = 3  # pixels per frame at 32 px, with motion "wrap"
 BOUNCE_SPEED = 3  # pixels per frame at 32 px, with motion "bounce"
 LATER = 24  # a continuation clip (ShapesDataset) starts 1 to LATER frames into its motion: more than a period
+FROM_START = 0.25  # a clip captioned "from the bottom to the top" (ShapesDataset from_to) starts this near its start
 
 
 def render_shape(color: str, shape: str, size: str, position: str | None = None, direction: str | None = None,
@@ -165,7 +166,9 @@ class ShapesDataset:
     sliding window samples after its first window, without teaching a first window that heads against its caption.
 
     `from_to` (videos, phrasing "train"): the share of captions whose direction says where the motion starts and
-    ends (utils.phrasing.phrase); None draws every wording alike.
+    ends (utils.phrasing.phrase); such a clip starts where its caption says, in the first FROM_START of its way
+    (a person's "from left to right" starts at the left), so its first frame, scored in full, shows the order of
+    the words. None draws every wording alike and places every clip alike.
 
     A horizontal flip would swap "left" and "right" in the captions, so these samples are never flipped.
     """
@@ -210,9 +213,11 @@ class ShapesDataset:
 
     def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str, int]:
         attrs = self.attributes(index)
-        pixels = render_shape(**attrs, img_size=self.img_size, frames=self.frames, motion=self.motion)
         caption = shape_caption(**attrs) if self.phrasing == "grammar" else \
             phrase(attrs, rng, self.phrasing, self.from_to)
+        if self.from_to is not None and says_start(caption):
+            attrs["offset"] = (attrs["offset"][0], attrs["offset"][1] * FROM_START)
+        pixels = render_shape(**attrs, img_size=self.img_size, frames=self.frames, motion=self.motion)
         return pixels, caption, self.fps if self.frames > 1 else 0
 
 

@@ -277,6 +277,26 @@ def test_from_to_share_draws_wordings_that_name_both_ends():
             ShapesDataset(8, **bad, from_to=value)
 
 
+def test_from_to_clips_start_where_their_caption_says():
+    """A clip captioned "from the bottom to the top" starts near the bottom and goes up (a person's from-to names
+    the start); the other clips of the same data start anywhere along their way."""
+    def gap(frame, direction):  # pixels between the shape and the border it starts from (moving away from it)
+        ys, xs = np.nonzero((255 - frame.astype(int)).sum(-1) > 50)
+        return {"right": xs.min(), "down": ys.min(), "left": 31 - xs.max(), "up": 31 - ys.max()}[direction]
+
+    data = ShapesDataset(300, frames=4, fps=4, seed=6, motion="bounce", phrasing="train", from_to=0.5)
+    starts = {True: [], False: []}
+    for i in range(len(data)):
+        pixels, caption, _ = data.load(i, np.random.default_rng([2, i]))
+        direction = data.attributes(i)["direction"]
+        first, second = gap(pixels[0], direction), gap(pixels[1], direction)
+        starts[" from " in caption].append(first)
+        if " from " in caption:
+            assert second > first, (caption, first, second)
+    assert max(starts[True]) <= 6 and max(starts[False]) >= 15, (max(starts[True]), max(starts[False]))
+    assert len(starts[True]) > 100 and len(starts[False]) > 100
+
+
 def test_shape_videos_move_in_the_named_direction():
     data = ShapesDataset(40, frames=8, fps=4, seed=2)
     directions = set()

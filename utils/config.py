@@ -279,7 +279,8 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--shapes_from_to", type=PROBABILITY, default=None,
                    help="shapes videos with --shapes_phrasing train: the share of captions whose direction names "
                         "where the motion starts and ends ('from the bottom to the top', said only by the order of "
-                        "its words; default: as often as any other wording of a direction, 2 in 10)")
+                        "its words), each such clip starting near where its caption says; default: as often as any "
+                        "other wording of a direction, 2 in 10, and clips starting anywhere)")
     g.add_argument("--logdir", type=Path, default=Path("logs"), help="where outputs go: checkpoints, samples")
     g.add_argument("--img_size", type=POSITIVE, default=32, help="image side in pixels (the area is img_size^2)")
     g.add_argument("--vid_size", type=video_size, default=None,

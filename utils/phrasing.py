@@ -174,6 +174,13 @@ def _find(kind: str, text: str, after: int = 0) -> list[tuple[int, str]]:
     return sorted(hits)
 
 
+def says_start(text: str) -> bool:
+    """Whether a caption names where the motion starts and ends ("moving from left to right", "from the top to the
+    bottom"), not only the way it goes."""
+    path = _FROM_TO.search(text.lower())
+    return bool(path) and path[1] != path[2]
+
+
 def parse_caption(text: str, video: bool | None = None) -> dict:
     """The attributes a caption asks for: {color, shape, size, position} for an image, {color, shape, direction}
     for a video (a caption that names a motion, unless `video` says which).  Reads any wording built from the
