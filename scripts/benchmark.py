@@ -263,30 +263,43 @@ def long_video_benchmark(args, pipe):
     """Videos of a trained video checkpoint at --lengths multiples of its trained length, with the sliding window of
     the trained length: time per generated frame (the whole pipeline: text, flow, self-denoising, VAE), the deep
     block's KV-cache memory, and for shapes captions the long-video figures of scripts/eval_shapes.evaluate_long
-    (issue "long videos")."""
+    (issue "long videos").
+
+    Each length is timed over about as many frames as the longest (k x the trained length is sampled max/k times,
+    the same videos each time), its runs interleaved with the other lengths': a 1x row of a few seconds, timed once,
+    swung the 8x / 1x ratio from 1.1x to 1.5x between runs of the same network on a CPU whose speed wanders."""
 
     from scripts.eval_shapes import evaluate_long, make_captions
     from utils.inference import denoise
 
     captions = read_lines(args.captions, "--captions") if args.captions else make_captions(36, True, seed=0, split="train")
     trained, batch = pipe.trained_frames, pipe.args.sample_batch_size
+    repeats = {k: max(max(args.lengths) // k, 1) for k in args.lengths}
     print(f"{args.checkpoint}: {len(captions)} captions, trained length {trained} frames (the sliding window), "
-          f"batch {batch}, {args.threads} threads, {pipe.device}")
+          f"batch {batch}, {args.threads} threads, {pipe.device}; each length timed "
+          + ", ".join(f"{k}x {n} time{'s' * (n > 1)}" for k, n in repeats.items()) + ", interleaved")
     print("| length | frames | time per frame | self-denoising per frame: ours / official windows | KV cache | "
           "presence | colour stable | shape stable | motion consistent (clips) | background drift (mean / max) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     model, window = pipe.model, (trained - 1) // pipe.temporal + 1
     _, fps, noise_std = pipe.resolve(None, None, None)
     pipe(captions[:batch], num_frames=trained, seed=pipe.args.seed)  # warm-up: the first call's one-off costs
+    elapsed, videos, cache, last = dict.fromkeys(repeats, 0.0), {k: [] for k in repeats}, dict.fromkeys(repeats, 0), {}
+    for r in range(max(repeats.values())):
+        for k in (k for k in args.lengths if r < repeats[k]):
+            start = time.perf_counter()
+            for i in range(0, len(captions), batch):
+                idx = list(range(i, min(i + batch, len(captions))))
+                out = pipe([captions[j] for j in idx], num_frames=k * trained, seed=pipe.args.seed, indices=idx)
+                pixels = list(out.as_uint8())
+                if r == 0:
+                    videos[k] += pixels
+                    cache[k] = max(cache[k], out.kv_cache_bytes)
+            elapsed[k] += time.perf_counter() - start
+            last[k] = out, idx
     for k in args.lengths:
-        frames, videos, cache, denoising = k * trained, [], 0, {True: 0.0, False: 0.0}
-        start = time.perf_counter()
-        for i in range(0, len(captions), batch):
-            idx = list(range(i, min(i + batch, len(captions))))
-            out = pipe([captions[j] for j in idx], num_frames=frames, seed=pipe.args.seed, indices=idx)
-            videos += list(out.as_uint8())
-            cache = max(cache, out.kv_cache_bytes)
-        seconds = (time.perf_counter() - start) / (len(captions) * frames)
+        frames, (out, idx), denoising = k * trained, last[k], {True: 0.0, False: 0.0}
+        seconds = elapsed[k] / (repeats[k] * len(captions) * frames)
         # the Tweedie step alone on the last batch's latents, each way: the same values, the time side by side
         y = pipe.encode_prompt([captions[j] for j in idx], None, 0.0, None, fps, noise_std)
         steps = {}
@@ -297,9 +310,9 @@ def long_video_benchmark(args, pipe):
             denoising[continued] = 1000 * (time.perf_counter() - tick) / (len(idx) * frames)
         side = "" if not steps else f"{denoising[True]:.0f} / {denoising[False]:.0f} ms (equal to " \
             f"{(steps[True] - steps[False]).abs().max().item():.0e})"
-        row = f"| {k}x | {frames} | {1000 * seconds:.0f} ms | {side} | {cache / 2 ** 20:.2f} MB |"
+        row = f"| {k}x | {frames} | {1000 * seconds:.0f} ms | {side} | {cache[k] / 2 ** 20:.2f} MB |"
         try:
-            result = evaluate_long(captions, videos)
+            result = evaluate_long(captions, videos[k])
         except ValueError:  # not shapes captions
             print(row + " | | | | |")
             continue
@@ -350,7 +363,8 @@ def main(argv=None):
                    "with --checkpoint, the checkpoint's configuration")
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="video models: sample these multiples of the "
                    "trained length (e.g. 1 4 8); with --config, random weights: time and memory; with --checkpoint: "
-                   "time per frame, KV cache and, for shapes captions (36 by default), the long-video figures")
+                   "time per frame (each length over about as many frames as the longest, interleaved), KV cache and, for "
+                   "shapes captions (36 by default), the long-video figures")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
