@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from transformer_flow import KVCache, Model, ModelConfig, load_official_state_dict
-from utils.config import Parser, add_device_args
+from utils.config import POSITIVE, Parser, add_device_args
 from utils.debug import randomize_weights
 from utils.decoding import interleaved, relative_error
 from utils.files import read_lines
@@ -361,7 +361,7 @@ def main(argv=None):
     p.add_argument("--jacobi_max_iter", type=int, default=32, help="official Jacobi iterations per window")
     p.add_argument("--config", type=Path, help="measure this YAML configuration's model instead (random weights); "
                    "with --checkpoint, the checkpoint's configuration")
-    p.add_argument("--lengths", type=int, nargs="*", default=[], help="video models: sample these multiples of the "
+    p.add_argument("--lengths", type=POSITIVE, nargs="*", default=[], help="video models: sample these multiples of the "
                    "trained length (e.g. 1 4 8); with --config, random weights: time and memory; with --checkpoint: "
                    "time per frame (each length over about as many frames as the longest, interleaved), KV cache and, for "
                    "shapes captions (36 by default), the long-video figures")

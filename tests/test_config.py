@@ -301,6 +301,18 @@ def test_a_device_this_machine_lacks_is_one_line(entry, tmp_path):
         assert len(stderr.strip().splitlines()) == 1, stderr
 
 
+def test_a_length_under_one_is_one_line():
+    """benchmark --lengths 0 stops at parsing in one line (it times each length max/k times: 0 ended in a
+    ZeroDivisionError traceback)."""
+    from scripts import benchmark
+
+    for length in ("0", "-2"):
+        code, stderr = cli_error(benchmark.main, ["--checkpoint", str(ROOT / "ckpts" / "starflow-v_shapes_t2v_32x32"
+                                                                      ".safetensors"), "--lengths", length, "4"])
+        assert code == 2 and f"--lengths: must be an integer >= 1, got '{length}'" in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+
+
 def test_an_official_checkout_missing_a_requirement_is_one_line(tmp_path):
     """benchmark --official: a checkout whose code imports a module this environment lacks (einops, on a fresh
     machine) stops in one line naming the module, where it used to end in the import's traceback."""
