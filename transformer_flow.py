@@ -539,7 +539,7 @@ class MetaBlock(Transformer):
 
     @torch.no_grad()
     def reverse(self, z, y, rope, guidance=0.0, cache=None, decoding: "BlockDecoding | None" = None,
-                context_length=None, attn_temp=1.0, verbose=False, progress=None):
+                context_length=None, attn_temp=1.0, verbose=False, progress=None, rolling=False):
         """Invert the block: z (B, [T], H, W, C) -> x, by exact sequential decoding (the default) or by the Jacobi
         iteration that `decoding` describes (see `_decode`).  `progress(tokens, total)` is called whenever every
         sample's committed tokens advance."""
@@ -549,14 +549,16 @@ class MetaBlock(Transformer):
             noise = torch.cat([noise, noise])
         x = self._decode(noise, y if self.txt_dim else None, rope, guidance, cache if cache is not None else KVCache(),
                          frame=noise.size(1) // (shape[1] if z.dim() == 5 else 1), decoding=decoding or SEQUENTIAL,
-                         context_length=context_length, temp=attn_temp, verbose=verbose, progress=progress)
+                         context_length=context_length, temp=attn_temp, verbose=verbose, progress=progress,
+                         rolling=rolling)
         if guidance > 0:
             x = x[: x.size(0) // 2]
             if cache is not None:
                 cache.keep_first_half()
         return self.from_seq(x, shape).to(dtype)
 
-    def _decode(self, noise, y, rope, guidance, cache, frame, decoding, context_length, temp, verbose, progress=None):
+    def _decode(self, noise, y, rope, guidance, cache, frame, decoding, context_length, temp, verbose, progress=None,
+                rolling=False):
         """Solve x from noise (B, N, C) in sequence order.
 
         xs[j] is the network input of slot j and xs[j + 1] the token slot j predicts (xs[0] is the SOS embedding;
@@ -568,7 +570,12 @@ class MetaBlock(Transformer):
         noise and text only, never on the rest of the batch.  While all frontiers agree (always, in sequential
         decoding) the windows are plain slices; otherwise every row is gathered at its own slots.  A fresh video
         token is first guessed from the previous frame.  With a local attention window, the cache is rebuilt every
-        (window - context) frames from the last context frames, once every sample has reached that point.
+        (window - context) frames from the last context frames, once every sample has reached that point (the
+        official re-encoding: each window is the trained length, its context attending only within it); with
+        `rolling`, the cache instead drops the frames that leave the window and keeps the others' keys and values
+        as they were computed, each key re-rotated to its new slot (`_roll`): a rolling KV cache, which is
+        sliding-window attention in every layer (a kept frame carries what it attended to when it was made) and
+        costs no re-encoding pass.
         """
         B, N, C = noise.shape
         groups = 2 if guidance > 0 else 1  # guided rows [cond; uncond] share one state per sample
@@ -653,12 +660,30 @@ class MetaBlock(Transformer):
                 break
             context = context_length * frame
             target = min(target + window - context, n_slots)
-            origin = int(start[0]) - context
+            shift, origin = int(start[0]) - context - origin, int(start[0]) - context
+            if rolling:
+                self._roll(cache, rope, n_txt, shift, context - 1)
+                continue
             cache.truncate(n_txt)  # the text's K/V stay: it attends to itself alone, at the same slots
             self.run(torch.cat([xs[:, :1], xs[:, origin + 1:int(start[0])]], dim=1), None, rope, cache, temp=temp,
                      kv_only=True)
         bar.close()
         return xs[:, 1:N + 1] if self.use_sos else xs[:, :N]
+
+    def _roll(self, cache: KVCache, rope, n_txt: int, shift: int, n: int):
+        """Slide a rolling KV cache by `shift` slots: the last `n` image slots' keys and values move down to just
+        after the SOS slot (text and SOS stay), each key turned from its old slot's RoPE rotation to its new one's,
+        so that every query meets every kept key at the same relative position as before; the values are copied."""
+        old = torch.arange(n_txt + 1 + shift, n_txt + 1 + shift + n)
+        new = old - shift
+        cos, sin = rope
+        undo = rope_rotation(cos[old], -sin[old], self.hf_style_rope)  # the inverse rotation: sin negated
+        redo = rope_rotation(cos[new], sin[new], self.hf_style_rope)
+        for keys, values in zip(cache.keys, cache.values):
+            k = keys[:, :, old].transpose(1, 2)  # (B, n, heads, head_dim), as apply_rope takes it
+            keys[:, :, new] = apply_rope(apply_rope(k, undo), redo).transpose(1, 2).to(keys.dtype)
+            values[:, :, new] = values[:, :, old]
+        cache.length = n_txt + 1 + n
 
     @staticmethod
     def _guess_from_previous_frame(xs, end, seen, frame, S):
@@ -944,14 +969,17 @@ class Model(nn.Module):
     def reverse(self, z, y=None, guidance=0.0, guide_top=None, return_sequence=False, verbose=False,
                 kv_caches=None, decoding: "BlockDecoding | Sequence[BlockDecoding] | None" = None, jacobi=None,
                 jacobi_block_size=None, jacobi_max_iter=None, jacobi_th=None, context_length=None, attn_temp=1.0,
-                callback=None):
+                callback=None, rolling_kv_cache=False):
         """Generate latents from noise z (the shape of x).  y is text (B, Ly, D), or [cond; uncond] rows when
         guidance > 0.  How each block is inverted comes from `decoding_plan` (the calibrated plan by default;
         `jacobi=False` is exact sequential decoding).  A sample depends only on its own noise and text, never on
         its batch companions.  `kv_caches` from `prefill` continue a given first frame.  The shallow blocks are
         unguided when cond_top_only or guide_top is set.  `callback(info)` is called each time the committed tokens
         of a block advance (a Jacobi window or a sequential token settled in every sample), with info = {"block": i,
-        "blocks_done": blocks finished before this one, "blocks": n, "tokens": committed, "total": tokens}."""
+        "blocks_done": blocks finished before this one, "blocks": n, "tokens": committed, "total": tokens}.
+        Videos past the deep block's local_attn_window slide it keeping `context_length` latent frames, re-encoding
+        them at each slide as the official sampler does, or with `rolling_kv_cache` keeping their keys and values
+        (`MetaBlock._decode`: faster, and not the official numbers)."""
         self._check_inputs(z, y, guidance)
         if self.config.local_attn_window and not context_length:
             raise ValueError("decoding with local_attn_window needs context_length")
@@ -964,7 +992,7 @@ class Model(nn.Module):
                 lambda tokens, total, i=i: callback(dict(block=i, blocks_done=n - 1 - i, blocks=n, tokens=tokens,
                                                          total=total))
             seq.append(self.reverse_block(i, seq[-1], y_i, guidance_i, plan[i], caches[n - 1 - i], context_length,
-                                          attn_temp, verbose, progress))
+                                          attn_temp, verbose, progress, rolling_kv_cache))
         return seq if return_sequence else seq[-1]
 
     def block_guidance(self, i, y, guidance, guide_top=None):
@@ -976,14 +1004,15 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def reverse_block(self, i, x, y, guidance, decoding=None, cache=None, context_length=None, attn_temp=1.0,
-                      verbose=False, progress=None):
+                      verbose=False, progress=None, rolling_kv_cache=False):
         """Invert block i alone: its output latents x (B, [T], C, H, W) -> its input latents, with the text and
         guidance it decodes with (`block_guidance`) and a BlockDecoding (sequential by default)."""
         block, h = self.blocks[i], self.patchify(x)
         local, h_i = (False, h) if i == len(self.blocks) - 1 else self._local(block, h)
         cache = KVCache() if local or cache is None else cache
         rope = self.rope_tables(h_i.shape, self._text_len(block, y), x.device)
-        out = block.reverse(h_i, y, rope, guidance, cache, decoding, context_length, attn_temp, verbose, progress)
+        out = block.reverse(h_i, y, rope, guidance, cache, decoding, context_length, attn_temp, verbose, progress,
+                            rolling_kv_cache)
         return self.unpatchify(out.view_as(h))
 
     def decoding_plan(self, decoding=None, jacobi=None, jacobi_block_size=None, jacobi_th=None,

@@ -259,6 +259,9 @@ def checkpoint_benchmark(args, device):
     print(f"default - exact decoding, all attributes right: {gap:+.1f} points")
 
 
+KV_CACHE_MODES = {"reencode": "re-encoded at each slide (official)", "rolling": "rolling (--rolling_kv_cache)"}
+
+
 def long_video_benchmark(args, pipe):
     """Videos of a trained video checkpoint at --lengths multiples of its trained length, with the sliding window of
     the trained length: time per generated frame (the whole pipeline: text, flow, self-denoising, VAE), the deep
@@ -267,7 +270,9 @@ def long_video_benchmark(args, pipe):
 
     Each length is timed over about as many frames as the longest (k x the trained length is sampled max/k times,
     the same videos each time), its runs interleaved with the other lengths': a 1x row of a few seconds, timed once,
-    swung the 8x / 1x ratio from 1.1x to 1.5x between runs of the same network on a CPU whose speed wanders."""
+    swung the 8x / 1x ratio from 1.1x to 1.5x between runs of the same network on a CPU whose speed wanders.
+    Lengths past the trained one get a row per --kv_cache mode: the context re-encoded at each slide (the official
+    sampler's) and/or a rolling KV cache (`Model.reverse(rolling_kv_cache=True)`)."""
 
     from scripts.eval_shapes import evaluate_long, make_captions
     from utils.inference import denoise
@@ -275,31 +280,36 @@ def long_video_benchmark(args, pipe):
     captions = read_lines(args.captions, "--captions") if args.captions else make_captions(36, True, seed=0, split="train")
     trained, batch = pipe.trained_frames, pipe.args.sample_batch_size
     repeats = {k: max(max(args.lengths) // k, 1) for k in args.lengths}
+    # one row per length and KV-cache mode; the trained length never slides, so it has one row whatever the mode
+    rows = [(k, mode) for k in args.lengths for mode in (args.kv_cache[:1] if k == 1 else args.kv_cache)]
     print(f"{args.checkpoint}: {len(captions)} captions, trained length {trained} frames (the sliding window), "
           f"batch {batch}, {args.threads} threads, {pipe.device}; each length timed "
-          + ", ".join(f"{k}x {n} time{'s' * (n > 1)}" for k, n in repeats.items()) + ", interleaved")
-    print("| length | frames | time per frame | self-denoising per frame: ours / official windows | KV cache | "
-          "presence | colour stable | shape stable | motion consistent (clips) | background drift (mean / max) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          + ", ".join(f"{k}x {n} time{'s' * (n > 1)}" for k, n in repeats.items()) + ", interleaved; KV cache "
+          + " and ".join(KV_CACHE_MODES[m] for m in args.kv_cache))
+    print("| length | frames | KV cache when the window slides | time per frame | self-denoising per frame: ours / "
+          "official windows | KV cache | presence | colour stable | shape stable | motion consistent (clips) | "
+          "background drift (mean / max) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     model, window = pipe.model, (trained - 1) // pipe.temporal + 1
     _, fps, noise_std = pipe.resolve(None, None, None)
     pipe(captions[:batch], num_frames=trained, seed=pipe.args.seed)  # warm-up: the first call's one-off costs
-    elapsed, videos, cache, last = dict.fromkeys(repeats, 0.0), {k: [] for k in repeats}, dict.fromkeys(repeats, 0), {}
+    elapsed, videos, cache, last = dict.fromkeys(rows, 0.0), {r: [] for r in rows}, dict.fromkeys(rows, 0), {}
     for r in range(max(repeats.values())):
-        for k in (k for k in args.lengths if r < repeats[k]):
+        for k, mode in ((k, mode) for k, mode in rows if r < repeats[k]):
             start = time.perf_counter()
             for i in range(0, len(captions), batch):
                 idx = list(range(i, min(i + batch, len(captions))))
-                out = pipe([captions[j] for j in idx], num_frames=k * trained, seed=pipe.args.seed, indices=idx)
+                out = pipe([captions[j] for j in idx], num_frames=k * trained, seed=pipe.args.seed, indices=idx,
+                           rolling_kv_cache=mode == "rolling")
                 pixels = list(out.as_uint8())
                 if r == 0:
-                    videos[k] += pixels
-                    cache[k] = max(cache[k], out.kv_cache_bytes)
-            elapsed[k] += time.perf_counter() - start
-            last[k] = out, idx
-    for k in args.lengths:
-        frames, (out, idx), denoising = k * trained, last[k], {True: 0.0, False: 0.0}
-        seconds = elapsed[k] / (repeats[k] * len(captions) * frames)
+                    videos[k, mode] += pixels
+                    cache[k, mode] = max(cache[k, mode], out.kv_cache_bytes)
+            elapsed[k, mode] += time.perf_counter() - start
+            last[k, mode] = out, idx
+    for k, mode in rows:
+        frames, (out, idx), denoising = k * trained, last[k, mode], {True: 0.0, False: 0.0}
+        seconds = elapsed[k, mode] / (repeats[k] * len(captions) * frames)
         # the Tweedie step alone on the last batch's latents, each way: the same values, the time side by side
         y = pipe.encode_prompt([captions[j] for j in idx], None, 0.0, None, fps, noise_std)
         steps = {}
@@ -310,9 +320,10 @@ def long_video_benchmark(args, pipe):
             denoising[continued] = 1000 * (time.perf_counter() - tick) / (len(idx) * frames)
         side = "" if not steps else f"{denoising[True]:.0f} / {denoising[False]:.0f} ms (equal to " \
             f"{(steps[True] - steps[False]).abs().max().item():.0e})"
-        row = f"| {k}x | {frames} | {1000 * seconds:.0f} ms | {side} | {cache[k] / 2 ** 20:.2f} MB |"
+        row = f"| {k}x | {frames} | {'' if k == 1 else mode} | {1000 * seconds:.0f} ms | {side} | " \
+            f"{cache[k, mode] / 2 ** 20:.2f} MB |"
         try:
-            result = evaluate_long(captions, videos[k])
+            result = evaluate_long(captions, videos[k, mode])
         except ValueError:  # not shapes captions
             print(row + " | | | | |")
             continue
@@ -361,6 +372,10 @@ def main(argv=None):
     p.add_argument("--jacobi_max_iter", type=int, default=32, help="official Jacobi iterations per window")
     p.add_argument("--config", type=Path, help="measure this YAML configuration's model instead (random weights); "
                    "with --checkpoint, the checkpoint's configuration")
+    p.add_argument("--kv_cache", nargs="+", choices=list(KV_CACHE_MODES), default=["reencode"],
+                   help="with --lengths: how the deep block's KV cache follows the sliding window, one row each: "
+                        "reencode (the official sampler's: the kept context re-encoded within the window) and/or "
+                        "rolling (sample.py --rolling_kv_cache: kept as computed, no re-encoding pass)")
     p.add_argument("--lengths", type=POSITIVE, nargs="*", default=[], help="video models: sample these multiples of the "
                    "trained length (e.g. 1 4 8); with --config, random weights: time and memory; with --checkpoint: "
                    "time per frame (each length over about as many frames as the longest, interleaved), KV cache and, for "

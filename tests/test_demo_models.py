@@ -173,9 +173,9 @@ def test_a_sample_does_not_depend_on_its_batch_or_process(tmp_path):
 @pytest.mark.slow
 def test_long_video_benchmark_denoises_as_the_official_windows(tmp_path, capsys):
     """scripts/benchmark.py --lengths on the shipped video model: at 1x and 3x the trained length the KV cache is the
-    same size (the window bounds it), each length is timed over as many frames as the longest, and the Tweedie step
-    that runs only each window's new frames gives what the official windows (each run whole) give, to float
-    rounding, on the trained weights."""
+    same size (the window bounds it), re-encoded or rolling, each length is timed over as many frames as the
+    longest, and the Tweedie step that runs only each window's new frames gives what the official windows (each run
+    whole) give, to float rounding, on the trained weights."""
     import re
 
     from scripts import benchmark
@@ -183,12 +183,13 @@ def test_long_video_benchmark_denoises_as_the_official_windows(tmp_path, capsys)
     captions = tmp_path / "c.txt"
     captions.write_text("a blue square moving down\na green triangle moving right\n")
     benchmark.main(["--checkpoint", str(ROOT / "ckpts" / "starflow-v_shapes_t2v_32x32.safetensors"), "--lengths",
-                    "1", "3", "--captions", str(captions), "--threads", str(THREADS)])
+                    "1", "3", "--captions", str(captions), "--threads", str(THREADS), "--kv_cache", "reencode",
+                    "rolling"])
     out = capsys.readouterr().out
     assert "each length timed 1x 3 times, 3x 1 time, interleaved" in out  # as many frames per row as the longest
     rows = [line for line in out.splitlines() if re.match(r"\| \dx \|", line)]
-    assert len(rows) == 2, rows
+    assert len(rows) == 3 and "| reencode |" in rows[1] and "| rolling |" in rows[2], rows
     gaps = [float(re.search(r"equal to ([0-9.e+-]+)\)", row)[1]) for row in rows]
     assert max(gaps) < 1e-4, rows
     caches = [re.search(r"\| ([0-9.]+) MB \|", row)[1] for row in rows]
-    assert caches[0] == caches[1], rows
+    assert caches[0] == caches[1] == caches[2], rows

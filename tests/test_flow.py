@@ -166,6 +166,30 @@ def test_windowed_decoding_equals_each_window_afresh(guidance):
         torch.testing.assert_close(fresh[:, 1], seq[:, t], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("hf_style", [0, 1])
+@pytest.mark.parametrize("context", [1, 2])
+def test_rolling_kv_cache_equals_reencoding_for_one_layer(context, hf_style, sweeps):
+    """A rolling KV cache keeps the context's keys and values as computed and re-rotates each key to its new slot.
+    With one layer in the deep block a key or value depends only on its own token and slot, so the rolled cache is
+    what the official re-encoding writes: the same frames (a wrong shift or rotation would change every frame past
+    the first window); sequential and Jacobi decoding, context 1 and 2 of a window of 3, both RoPE layouts."""
+    cfg = dict(VIDEO, local_attn_window=3, layers_per_block=[1, 1, 1], hf_style_rope=hf_style)
+    model = tiny_model(**cfg)
+    z, y = inputs((7, 4, 4, 4), guided=True)
+    for jacobi in (False, True):
+        options = dict(jacobi=jacobi, jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=1000) if jacobi else \
+            dict(jacobi=False)
+        reencoded = model.reverse(z, y, guidance=1.5, context_length=context, **options)
+        rolled = model.reverse(z, y, guidance=1.5, context_length=context, rolling_kv_cache=True, **options)
+        torch.testing.assert_close(rolled, reencoded, atol=1e-4, rtol=0)
+    # with more layers the kept frames carry what they attended to when made: past the first window it differs
+    deep = tiny_model(**dict(cfg, layers_per_block=[1, 1, 2]))
+    reencoded = deep.reverse(z, y, guidance=1.5, jacobi=False, context_length=context)
+    rolled = deep.reverse(z, y, guidance=1.5, jacobi=False, context_length=context, rolling_kv_cache=True)
+    torch.testing.assert_close(rolled[:, :3], reencoded[:, :3], atol=1e-5, rtol=0)
+    assert not torch.allclose(rolled[:, 3:], reencoded[:, 3:], atol=1e-3)
+
+
 def test_kv_only_run_fills_the_same_cache():
     """Transformer.run(kv_only=True) skips the last layer's attention output and MLP: the cache must hold exactly
     what a full call leaves there, text rows included."""

@@ -258,7 +258,7 @@ def test_calibrated_plan_is_stored_beside_the_checkpoint_and_used(trained, capti
     ("image", ["--sample_batch_size", "-2"], "--sample_batch_size"), ("image", ["--attn_temp", "0"], "--attn_temp"),
     ("image", ["--jacobi_max_iter", "0"], "--jacobi_max_iter"), ("image", ["--jacobi_th", "-1e-3"], "--jacobi_th"),
     ("image", ["--calibrate_decoding", "-1"], "--calibrate_decoding"),
-    ("image", ["--target_length", "8"], "--target_length"),
+    ("image", ["--target_length", "8"], "--target_length"), ("image", ["--rolling_kv_cache"], "--rolling_kv_cache"),
     ("video", ["--target_length", "12", "--context_length", "4"], "--context_length"),
 ])
 def test_bad_sampling_flags_are_one_line(trained, tmp_path, kind, flags, name):

@@ -404,6 +404,9 @@ def add_sampling_args(p: argparse.ArgumentParser):
                    help="video frames to generate, beyond the training length (sliding window)")
     g.add_argument("--context_length", type=POSITIVE, default=None,
                    help="latent frames of context kept when the window slides (default: window - 1)")
+    switch(g, "rolling_kv_cache", False, "long videos: keep the context's keys and values when the window slides "
+           "(a rolling KV cache: no re-encoding pass, faster; not the official sampler's numbers) instead of "
+           "re-encoding the context within the window as the official sampler does")
     switch(g, "save_folder", False, "with a caption file, one output per caption, named by its line index")
     switch(g, "return_sequence", False, "save every flow block's output side by side")
     switch(g, "verbose", False, "progress bars for each flow block")

@@ -404,7 +404,8 @@ class STARFlowPipeline:
                  guidance_scale: float | None = None, num_images_per_prompt: int = 1, height: int | None = None,
                  width: int | None = None, aspect_ratio: str | None = None, num_frames: int | None = None,
                  target_length: int | None = None, fps: int | None = None, image=None,
-                 context_length: int | None = None, seed: int | None = None, indices: list[int] | None = None, generator: torch.Generator | None = None,
+                 context_length: int | None = None, rolling_kv_cache: bool | None = None, seed: int | None = None,
+                 indices: list[int] | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", noise_std: float | None = None,
                  self_denoise: "bool | str | None" = None, learnable_denoiser: bool | None = None,
                  denoising_batch_size: int | None = None, jacobi: bool | None = None,
@@ -416,7 +417,8 @@ class STARFlowPipeline:
         Settings left None take the loaded defaults (`self.args`: the checkpoint's flags, then the options given to
         `from_pretrained`); they are sample.py's flags: guidance_scale = --cfg (0: no guidance), aspect_ratio or
         height/width (one of the model's sizes), num_frames or target_length = --target_length (more than trained:
-        a sliding window keeping `context_length` latent frames), fps = --out_fps, image = --input_image (path, PIL
+        a sliding window keeping `context_length` latent frames, re-encoded at each slide as the official sampler
+        does, or kept in a rolling KV cache when `rolling_kv_cache` = --rolling_kv_cache), fps = --out_fps, image = --input_image (path, PIL
         image or uint8 array: the first frame of the videos), noise_std = --target_noise_std, learnable_denoiser = not
         --disable_learnable_denoiser, jacobi / jacobi_block_size / jacobi_th / jacobi_max_iter, guide_top,
         attn_temp.  Noise: `latents` (the flow's z), else `generator`, else `seed` (random when None) with sample j
@@ -488,6 +490,8 @@ class STARFlowPipeline:
                 out = model.reverse(z, y, guidance=guidance, guide_top=1 if (args.guide_top if guide_top is None
                                                                              else guide_top) else None,
                                     return_sequence=return_sequence, kv_caches=caches, context_length=context,
+                                    rolling_kv_cache=bool(args.rolling_kv_cache if rolling_kv_cache is None
+                                                          else rolling_kv_cache),
                                     attn_temp=args.attn_temp if attn_temp is None else attn_temp, verbose=verbose,
                                     callback=progress, **self._decoding(jacobi, jacobi_block_size, jacobi_th,
                                                                         jacobi_max_iter))

@@ -104,8 +104,10 @@ def sample(args):
     for flag, path in (("--input_image", args.input_image), ("--mask", args.mask)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    if parse_vid_size(args.vid_size)[0] == 1 and ((args.input_image and not args.mask) or args.target_length):
-        flag = "--input_image" if args.input_image else "--target_length"
+    if parse_vid_size(args.vid_size)[0] == 1 and ((args.input_image and not args.mask) or args.target_length
+                                                  or args.rolling_kv_cache):
+        flag = "--input_image" if args.input_image else "--target_length" if args.target_length else \
+            "--rolling_kv_cache"
         raise ConfigError(f"{flag} needs a video model (--vid_size)" + (" or --mask (inpainting)" if
                                                                           args.input_image else ""))
     if args.aspect_ratio != "1:1" and not args.mix_aspect:
