@@ -34,7 +34,9 @@ def pipes():
     ("image", ["--cfg", "0"], {"guidance_scale": 0}),
     pytest.param("video", [], {}, marks=pytest.mark.slow),
     pytest.param("video", ["--input_image", str(FIRST_FRAME)], {"image": FIRST_FRAME}, marks=pytest.mark.slow),
-], ids=["image", "image-unguided", "video", "image-to-video"])
+    pytest.param("video", ["--target_length", "8", "--rolling_kv_cache"], {"num_frames": 8, "rolling_kv_cache": True},
+                 marks=pytest.mark.slow),
+], ids=["image", "image-unguided", "video", "image-to-video", "long-video-rolling-kv-cache"])
 def test_pipeline_gives_sample_py_samples_bit_for_bit(tmp_path, pipes, kind, flags, options):
     checkpoint, captions = (IMAGE, CAPTIONS[kind]) if kind == "image" else (VIDEO, CAPTIONS[kind])
     (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
@@ -42,6 +44,9 @@ def test_pipeline_gives_sample_py_samples_bit_for_bit(tmp_path, pipes, kind, fla
                                   "7", "--save_folder", "1", "--save_latents", "1", "--logdir", tmp_path, *flags]])
     folder = tmp_path / checkpoint.stem / "captions"
     out = pipes[kind](captions, seed=7, **options)
+    if options.get("rolling_kv_cache"):  # the flag reaches the model: the first window (4 frames) is the same, later frames are not
+        reencoded = pipes[kind](captions, seed=7, num_frames=8).latents
+        assert torch.equal(reencoded[:, :4], out.latents[:, :4]) and not torch.allclose(reencoded, out.latents)
     for i in range(len(captions)):
         assert torch.equal(load_file(folder / f"{i:05d}.safetensors")["latents"], out.latents[i].cpu()), i
         if kind == "image":
