@@ -677,11 +677,12 @@ class MetaBlock(Transformer):
         old = torch.arange(n_txt + 1 + shift, n_txt + 1 + shift + n)
         new = old - shift
         cos, sin = rope
-        undo = rope_rotation(cos[old], -sin[old], self.hf_style_rope)  # the inverse rotation: sin negated
-        redo = rope_rotation(cos[new], sin[new], self.hf_style_rope)
+        # the rotation by the angle from each old slot to its new one: cos(b - a), sin(b - a), once for all layers
+        turn = rope_rotation(cos[new] * cos[old] + sin[new] * sin[old], sin[new] * cos[old] - cos[new] * sin[old],
+                             self.hf_style_rope)
         for keys, values in zip(cache.keys, cache.values):
             k = keys[:, :, old].transpose(1, 2)  # (B, n, heads, head_dim), as apply_rope takes it
-            keys[:, :, new] = apply_rope(apply_rope(k, undo), redo).transpose(1, 2).to(keys.dtype)
+            keys[:, :, new] = apply_rope(k, turn).transpose(1, 2).to(keys.dtype)
             values[:, :, new] = values[:, :, old]
         cache.length = n_txt + 1 + n
 

@@ -44,7 +44,8 @@ def test_pipeline_gives_sample_py_samples_bit_for_bit(tmp_path, pipes, kind, fla
                                   "7", "--save_folder", "1", "--save_latents", "1", "--logdir", tmp_path, *flags]])
     folder = tmp_path / checkpoint.stem / "captions"
     out = pipes[kind](captions, seed=7, **options)
-    if options.get("rolling_kv_cache"):  # the flag reaches the model: the first window (4 frames) is the same, later frames are not
+    if options.get("rolling_kv_cache"):  # the flag reaches the model: the first window (4 frames) is the same,
+        # later frames are not
         reencoded = pipes[kind](captions, seed=7, num_frames=8).latents
         assert torch.equal(reencoded[:, :4], out.latents[:, :4]) and not torch.allclose(reencoded, out.latents)
     for i in range(len(captions)):

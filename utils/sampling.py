@@ -104,12 +104,12 @@ def sample(args):
     for flag, path in (("--input_image", args.input_image), ("--mask", args.mask)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    if parse_vid_size(args.vid_size)[0] == 1 and ((args.input_image and not args.mask) or args.target_length
-                                                  or args.rolling_kv_cache):
-        flag = "--input_image" if args.input_image else "--target_length" if args.target_length else \
-            "--rolling_kv_cache"
-        raise ConfigError(f"{flag} needs a video model (--vid_size)" + (" or --mask (inpainting)" if
-                                                                          args.input_image else ""))
+    video_only = [flag for flag, given in (("--input_image", args.input_image and not args.mask),
+                                           ("--target_length", args.target_length),
+                                           ("--rolling_kv_cache", args.rolling_kv_cache)) if given]
+    if parse_vid_size(args.vid_size)[0] == 1 and video_only:
+        raise ConfigError(f"{video_only[0]} needs a video model (--vid_size)" + (" or --mask (inpainting)" if
+                                                                                video_only[0] == "--input_image" else ""))
     if args.aspect_ratio != "1:1" and not args.mix_aspect:
         raise ConfigError(f"--aspect_ratio {args.aspect_ratio}: this model was trained on square images only "
                           f"(without --mix_aspect)")
