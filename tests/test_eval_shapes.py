@@ -168,8 +168,9 @@ def test_long_video_figures_count_what_breaks():
 
 def test_bouncing_videos_keep_their_heading_and_turns_away_from_the_borders_break_it():
     """Motion "bounce": a clip heads where the caption says until it bounces (every clip is measured right, clean
-    and noisy); over 32 frames every step keeps the heading or bounces off a border. A shape that turns back in the
-    middle of the frame, or stays at a border, breaks the motion."""
+    and noisy); over 32 frames every step keeps the heading or bounces off a border, also where the turning step
+    wobbles a pixel sideways. A shape that turns back in the middle of the frame, or stays at a border, or moves
+    2 px sideways there, breaks the motion."""
     rng = np.random.default_rng(6)
     cases = [dict(color=c, shape=s, size=z, direction=d, offset=tuple(rng.random(2)))
              for c, s, z, d in itertools.product(COLORS, SHAPES, SIZES, DIRECTIONS)]
@@ -185,6 +186,14 @@ def test_bouncing_videos_keep_their_heading_and_turns_away_from_the_borders_brea
     turned = np.concatenate([video[:4], video[3::-1]])  # back at x = 15: 11 px from the right border
     got = measure_long_video(turned, "right")
     assert not got["motion_consistent"] and got["bounces"] == 0 and got["consistent_steps"] == 3 / 7
+    for frame, shift in [(video[7], 1), (video[6], 1), (video[6], -1)]:  # turning at x = 25, or pausing at 24
+        wobble = np.concatenate([video[:7], np.roll(frame, shift, axis=0)[None], video[8:]])  # a pixel sideways
+        got = measure_long_video(wobble, "right")
+        assert got["motion_consistent"] and got["bounces"] == measure_long_video(video, "right")["bounces"], got
+    sideways = np.concatenate([video[:7], np.roll(video[7], 2, axis=0)[None], video[8:]])  # 2 px: a sideways move
+    assert not measure_long_video(sideways, "right")["motion_consistent"]
+    turned[4] = np.roll(turned[4], 1, axis=0)  # the wobble does not excuse a turn in mid-frame
+    assert not measure_long_video(turned, "right")["motion_consistent"]
     stuck = np.concatenate([video[:7], video[6:7].repeat(3, 0)])  # stays at the border
     got = measure_long_video(stuck, "right")
     assert not got["motion_consistent"] and got["consistent_steps"] == 7 / 9
