@@ -35,7 +35,7 @@ TRIANGLE_LOW = 0.07  # centroid below the middle, in heights (coverage_shape): t
 CENTER_RADIUS = 2.5  # in 32-px units: centred shapes sit within 2 px of the middle, the others at least 3 px off
 MIN_SPEED = 1.0  # pixels per frame at 32 px: slower is not a motion (the shapes move 3 or ~4.5 px per frame)
 WALL = 6.0  # pixels at 32 px: a shape this close to a border may bounce off it (it turns 1 to 4 px from it)
-JITTER = 1.0  # pixels at 32 px: a sideways wobble of the half-pixel centre reading, allowed in a bounce's short step
+JITTER = 1.0  # pixels at 32 px: sideways wobble allowed in a bounce's short step (centres are read to 0.5 px)
 AXES = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}  # direction: (axis of (x, y), sign)
 
 
@@ -258,9 +258,9 @@ def walk(per_frame: list[dict], moves: list, direction: str, size: tuple[int, in
     pixels of it: a step that moves back (the heading turns), or one that stalls there, once, before moving back.
     There a step may also move up to JITTER pixels sideways, however little it moves along: a bounce's step is
     short along the heading (the data's shape turns anywhere from a step before the border to a step back from it),
-    and two centres read to the half pixel differ sideways by a pixel with no motion at all (in 6% of all the steps
-    of the shipped video model's clips, which keep the heading where they move 3 px along it). `per_frame[i]` is the
-    frame before `moves[i]` (measure_image), `size` the frame's (H, W)."""
+    and a generated shape's centre, read to the half pixel, wobbles a pixel sideways in 6% of all the steps of the
+    shipped video model's clips (the data's never does), which keep the heading where they move 3 px along it.
+    `per_frame[i]` is the frame before `moves[i]` (measure_image), `size` the frame's (H, W)."""
     axis, sign = AXES[direction]
     unit, side = size[1] / 32, size[1 - axis]
     good, bounces, stalled, toward = [], [], False, False  # toward: the last step went towards the heading's border
