@@ -419,9 +419,9 @@ class STARFlowPipeline:
         height/width (one of the model's sizes), num_frames or target_length = --target_length (more than trained:
         a sliding window keeping `context_length` latent frames, re-encoded at each slide as the official sampler
         does, or kept in a rolling KV cache when `rolling_kv_cache` = --rolling_kv_cache), fps = --out_fps,
-        image = --input_image (path, PIL image or uint8 array: the first frame of the videos), noise_std = --target_noise_std, learnable_denoiser = not
-        --disable_learnable_denoiser, jacobi / jacobi_block_size / jacobi_th / jacobi_max_iter, guide_top,
-        attn_temp.  Noise: `latents` (the flow's z), else `generator`, else `seed` (random when None) with sample j
+        image = --input_image (path, PIL image or uint8 array: the first frame of the videos), noise_std =
+        --target_noise_std, learnable_denoiser = not --disable_learnable_denoiser, jacobi / jacobi_block_size /
+        jacobi_th / jacobi_max_iter, guide_top, attn_temp.  Noise: `latents` (the flow's z), else `generator`, else `seed` (random when None) with sample j
         drawing from (seed, indices[j]).  `self_denoise` = --self_denoise: True/"on" runs the Tweedie step before
         decoding, False/"off" skips it, "auto" runs it unless a fine-tuned decoder takes the noisy latents.  `return_sequence` gives every flow block's output
         side by side (not denoised).  `callback(info)` is called whenever a block's committed tokens advance (see

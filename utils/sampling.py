@@ -108,8 +108,8 @@ def sample(args):
                                            ("--target_length", args.target_length),
                                            ("--rolling_kv_cache", args.rolling_kv_cache)) if given]
     if parse_vid_size(args.vid_size)[0] == 1 and video_only:
-        raise ConfigError(f"{video_only[0]} needs a video model (--vid_size)" + (" or --mask (inpainting)" if
-                                                                                video_only[0] == "--input_image" else ""))
+        inpainting = " or --mask (inpainting)" if video_only[0] == "--input_image" else ""
+        raise ConfigError(f"{video_only[0]} needs a video model (--vid_size){inpainting}")
     if args.aspect_ratio != "1:1" and not args.mix_aspect:
         raise ConfigError(f"--aspect_ratio {args.aspect_ratio}: this model was trained on square images only "
                           f"(without --mix_aspect)")
