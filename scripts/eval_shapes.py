@@ -391,7 +391,8 @@ def evaluate(captions: list[str], files: list, targets: list[dict] | None = None
     attributes `targets`, one dict per caption), which must be all image or all video captions.
 
     Returns {"kind": "image"|"video", "n", "correct": {attr: count, "all": count},
-    "accuracy": {attr: fraction, "all": fraction}, "samples": [{"caption", "measured", "wrong": [attrs]}]}.
+    "accuracy": {attr: fraction, "all": fraction}, "samples": [{"caption", "measured", "wrong": [attrs]}],
+    "held_out_words": {"n": captions holding a word of utils.phrasing.HELD_OUT_WORDS, "all": those all right}}.
     """
     if len(captions) != len(files):
         raise ValueError(f"{len(captions)} captions but {len(files)} samples")
@@ -412,8 +413,10 @@ def evaluate(captions: list[str], files: list, targets: list[dict] | None = None
         correct["all"] += not wrong
         samples.append(dict(caption=text, measured={k: measured[k] for k in attrs}, wrong=wrong))
     n = len(captions)
+    unseen = [s for s in samples if phrasing.held_out_words(s["caption"])]
     return dict(kind="video" if video else "image", n=n, correct=dict(correct),
-                accuracy={k: v / n for k, v in correct.items()}, samples=samples)
+                accuracy={k: v / n for k, v in correct.items()}, samples=samples,
+                held_out_words=dict(n=len(unseen), all=sum(not s["wrong"] for s in unseen)))
 
 
 def make_captions(n: int, video: bool, seed: int, split: str = "grammar") -> list[str]:
@@ -444,6 +447,10 @@ def report(result: dict) -> str:
     lines = [f"{result['kind']} samples: {n}"]
     for k in (*attrs, "all"):
         lines.append(f"  {k:<9} {result['accuracy'][k]:6.1%}  ({result['correct'][k]}/{n})")
+    unseen = result.get("held_out_words", {})
+    if unseen.get("n"):
+        lines.append(f"  captions with a held-out word (utils.phrasing.HELD_OUT_WORDS): all right in "
+                     f"{unseen['all'] / unseen['n']:.1%} ({unseen['all']}/{unseen['n']})")
     return "\n".join(lines)
 
 

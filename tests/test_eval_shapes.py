@@ -210,6 +210,23 @@ def test_blank_image_measures_nothing_and_counts_as_wrong():
     assert result["accuracy"] == dict.fromkeys([*IMAGE_KEYS, "all"], 0.0)
 
 
+def test_captions_with_held_out_words_are_scored_apart():
+    """The held-out row mixes captions in training words with those holding a word training never uses ("disc",
+    "scarlet"); the latter are counted apart, as that share falls as the training vocabulary grows."""
+    from scripts.eval_shapes import report
+    from utils.phrasing import held_out_words
+
+    assert held_out_words("Draw a tiny SCARLET disc up top") == ["disc", "scarlet", "tiny", "up top"]
+    assert held_out_words("a small red discus, a tinyish box") == []  # whole words only
+    captions = ["a small red disc on the left", "a small red circle on the left", "a small scarlet circle on the left",
+                "a small red disc on the right"]
+    drawn = [render_shape("red", "circle", "small", "left")] * 3 + [render_shape("red", "square", "small", "right")]
+    result = evaluate(captions, drawn)
+    assert result["correct"]["all"] == 3 and result["held_out_words"] == {"n": 3, "all": 2}
+    assert "held-out word" in report(result) and "(2/3)" in report(result)
+    assert "held-out word" not in report(evaluate(captions[1:2], drawn[1:2]))
+
+
 def test_evaluate_rejects_mixed_image_and_video_captions():
     pixels = render_shape("red", "circle", "small", "left")
     with pytest.raises(ValueError, match="mix"):

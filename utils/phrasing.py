@@ -174,6 +174,16 @@ def _find(kind: str, text: str, after: int = 0) -> list[tuple[int, str]]:
     return sorted(hits)
 
 
+def held_out_words(text: str) -> list[str]:
+    """The words of HELD_OUT_WORDS in a caption ("a tiny scarlet disc" -> ["disc", "scarlet", "tiny"]): words that
+    training never uses, which a model can only read through its text encoder.  A held-out phrasing draws each
+    attribute's word from the training words and these alike, so the more training words, the fewer held-out
+    captions hold one; the evaluator reports them apart."""
+    lowered = text.lower()
+    return sorted(w for table in HELD_OUT_WORDS.values() for words in table.values() for w in words
+                  if re.search(rf"\b{re.escape(w)}\b", lowered))
+
+
 def says_start(text: str) -> bool:
     """Whether a caption names where the motion starts and ends ("moving from left to right", "from the top to the
     bottom"), not only the way it goes."""
