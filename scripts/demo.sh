@@ -37,8 +37,8 @@ echo "== text to image: 12 captions, one grid"
 python sample.py --checkpoint_path ckpts/starflow_shapes_t2i_32x32.safetensors \
     --caption "$out/image_captions.txt" --sample_batch_size 12 --logdir "$out"
 echo "== text to video: 4 captions, one video of a 2x2 grid (4 frames at 4 fps)"
-# --seed 0: at the default seed (191) the yellow circle's first frame comes out orange, half cut by the bottom border
-# (about 3% of this model's videos have a frame off their colour or shape; seeds 0 to 3 draw all four right)
+# --seed 0: the model shipped before 2026-12-08 drew the yellow circle's first frame orange at the default seed (191);
+# about 5% of this model's videos have a frame off their colour or shape (seeds 0 and 191 draw all four right)
 python sample.py --checkpoint_path ckpts/starflow-v_shapes_t2v_32x32.safetensors \
     --caption "$out/video_captions.txt" --sample_batch_size 4 --seed 0 --logdir "$out"
 

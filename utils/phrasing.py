@@ -13,31 +13,42 @@ import re
 
 import numpy as np
 
-COLOR_WORDS = {"red": ["red", "crimson", "ruby", "cherry red", "bright red", "tomato red"],
-               "green": ["green", "emerald", "grass green", "jade", "lime green", "forest green"],
-               "blue": ["blue", "azure", "cobalt", "sapphire", "royal blue", "sky blue", "dark blue"],
-               "yellow": ["yellow", "golden", "lemon", "canary yellow", "sunny yellow", "mustard"],
-               "purple": ["purple", "magenta", "plum", "lilac", "amethyst", "mauve", "lavender"],
-               "orange": ["orange", "amber", "tangerine", "pumpkin orange", "apricot", "bright orange"]}
+COLOR_WORDS = {"red": ["red", "crimson", "ruby", "cherry red", "bright red", "tomato red", "maroon", "blood red"],
+               "green": ["green", "emerald", "grass green", "jade", "lime green", "forest green",
+                         "olive green", "mint green", "bottle green", "sage green", "moss green"],
+               "blue": ["blue", "azure", "cobalt", "sapphire", "royal blue", "sky blue", "dark blue",
+                        "cerulean", "baby blue", "ocean blue", "midnight blue", "denim blue"],
+               "yellow": ["yellow", "golden", "lemon", "canary yellow", "sunny yellow", "mustard",
+                          "gold", "banana yellow", "pale yellow", "saffron", "butter yellow"],
+               "purple": ["purple", "magenta", "plum", "lilac", "amethyst", "mauve", "lavender",
+                          "orchid", "fuchsia", "dark purple", "eggplant purple"],
+               "orange": ["orange", "amber", "tangerine", "pumpkin orange", "apricot", "bright orange",
+                          "carrot orange", "burnt orange"]}
 SHAPE_WORDS = {"circle": ["circle", "ball", "dot", "round blob", "sphere", "orb", "round shape", "coin",
-                          "bubble", "circular shape"],
+                          "bubble", "circular shape", "ring", "oval", "wheel", "plate", "button",
+                          "saucer", "puck", "pancake", "pearl", "token", "medallion"],
                "square": ["square", "box", "block", "tile", "square shape", "boxy shape", "crate",
-                          "dice", "cuboid", "square block"],
+                          "dice", "cuboid", "square block", "rectangle", "brick", "slab", "parcel",
+                          "package", "chunk", "quadrilateral", "four-sided shape"],
                "triangle": ["triangle", "wedge", "pyramid", "triangular shape", "arrowhead", "cone",
-                            "triangular block"]}
+                            "triangular block", "tent", "slice", "spike", "delta", "peak",
+                            "three-sided shape", "shark fin", "spear"]}
 SIZE_WORDS = {"small": ["small", "little", "mini", "petite", "smallish"],
               "large": ["large", "big", "giant", "massive", "oversized"]}
 POSITION_WORDS = {"left": ["left", "on the left", "to the left", "at the left side", "on the left-hand side",
-                           "at the far left", "on the left edge", "in the left part of the image"],
+                           "at the far left", "on the left edge", "in the left part of the image",
+                           "over on the left", "on the left side"],
                   "right": ["right", "on the right", "to the right", "at the right side", "on the right-hand side",
-                            "at the far right", "on the right edge", "in the right part of the image"],
+                            "at the far right", "on the right edge", "in the right part of the image",
+                            "over on the right", "on the right side"],
                   "top": ["top", "at the top", "near the top", "in the upper part", "along the top edge",
-                          "at the top of the picture", "in the upper half", "high at the top"],
+                          "at the top of the picture", "in the upper half", "high at the top", "right at the top"],
                   "bottom": ["bottom", "at the bottom", "near the bottom", "in the lower part",
                              "along the bottom edge", "at the bottom of the picture", "in the lower half",
-                             "low at the bottom"],
+                             "low at the bottom", "right at the bottom"],
                   "center": ["center", "in the center", "in the middle", "at the centre", "in the very middle",
-                             "in the middle of the picture", "at the center of the image", "in the central area"]}
+                             "in the middle of the picture", "at the center of the image", "in the central area",
+                             "right in the middle", "right at the center", "dead center"]}
 DIRECTION_WORDS = {"left": ["moving left", "going left", "heading to the left", "moving leftwards", "sliding left",
                             "travelling left", "gliding to the left", "moving to the left",
                             "moving from right to left", "travelling from the right to the left"],
