@@ -174,8 +174,12 @@ def check_sampling(block, out, root):  # the demo block's purple sample is kept:
 def check_calibration(block, out, root):
     import json
 
-    plans = json.loads((root / "ckpts" / "starflow_shapes_t2i_32x32.decoding.json").read_text())["plans"]
+    name = "starflow_shapes_t2i_32x32.decoding.json"
+    plans = json.loads((root / "ckpts" / name).read_text())["plans"]
     assert "4" in plans["cpu"]
+    # the shipped plan back: a plan calibrated here is timed on this machine's load, and the figures of the blocks
+    # below (editing's PSNR) are the shipped plan's, which a newcomer who has not recalibrated gets
+    shutil.copy(ROOT / "ckpts" / name, root / "ckpts" / name)
 
 
 def check_pipeline(block, out, root):
@@ -203,7 +207,7 @@ def check_likelihood(block, out, root):
 
 
 def check_editing(block, out, root):
-    # within 0.3 dB: the decoding plan (which an earlier block recalibrates here) moves it by a tenth
+    # within 0.3 dB of the shipped plan's figure (check_calibration puts the shipped plan back)
     stated = float(re.search(r"reconstruction \(same caption\): ([\d.]+) dB", block.text).group(1))
     got = float(re.search(r"reconstruction \(same caption\): ([\d.]+) dB", out.stdout).group(1))
     assert abs(got - stated) <= 0.3, out.stdout
